@@ -1,0 +1,32 @@
+/**
+ * The byte stream under a vfio-user connection. The UNIX-socket transport is
+ * the only code that touches sockets and fds on the wire; component tests use
+ * an in-memory pair with the same shape.
+ */
+export interface TransportHandlers {
+  /**
+   * Bytes read from the peer, in order, with the fds that arrived with them.
+   * The chunk is owned by the receiver. Fds belong to the message that holds
+   * the last byte of the chunk (the kernel ends a read after the piece that
+   * carried them).
+   */
+  data(chunk: Buffer, fds: number[]): void;
+  /** The peer went away or the transport failed; called once. */
+  close(err?: Error): void;
+}
+
+export interface Transport {
+  /** Start delivering data; handlers are called until close. */
+  start(handlers: TransportHandlers): void;
+  /**
+   * Send bytes (several buffers form one message, sent as one sendmsg where
+   * possible) with fds attached to the first byte. Never throws for a full
+   * socket: the rest is queued and flushed when writable.
+   */
+  send(buffers: readonly Uint8Array[], fds?: readonly number[]): void;
+  /** Close the connection; `close` handler fires once. Queued bytes are dropped. */
+  close(): void;
+  readonly closed: boolean;
+  /** A short peer description for logs. */
+  readonly peer: string;
+}
