@@ -1,0 +1,10 @@
+/** The devices shipped with the project, by the name `--device` takes. */
+import type { DeviceFactory } from "../src/index.ts";
+import { bigmemFactory } from "./bigmem/bigmem.ts";
+import { eduFactory } from "./edu/edu.ts";
+
+export const DEVICES: readonly DeviceFactory[] = [eduFactory, bigmemFactory];
+
+export function findDevice(name: string): DeviceFactory | undefined {
+  return DEVICES.find((d) => d.name === name);
+}

@@ -1,0 +1,164 @@
+/**
+ * The public device API: what a device-model developer writes against.
+ * A device is a small object: identity, regions (BARs) with read/write
+ * handlers, capabilities, interrupts, and state save/load for migration.
+ * Nothing here mentions sockets, messages or fds.
+ *
+ * Breaking this file's exported types is a semver-major change.
+ */
+import type { Logger } from "pino";
+
+/** PCI identity of the device (type-0 header fields). */
+export interface DeviceIdentity {
+  vendorId: number;
+  deviceId: number;
+  subsystemVendorId?: number;
+  subsystemId?: number;
+  /** 24 bits: base class << 16 | subclass << 8 | programming interface. */
+  classCode: number;
+  revision?: number;
+}
+
+/** Access handlers of a region. Offsets are within the region. */
+export interface RegionHandlers {
+  /** Fill `data` with the bytes at `offset` (data.length is the access size). */
+  read(offset: number, data: Buffer): void;
+  /** Apply a guest write of `data` at `offset`. */
+  write(offset: number, data: Buffer): void;
+}
+
+/** One BAR of the device. */
+export interface BarDefinition extends RegionHandlers {
+  index: number;
+  /** Power of two; at least 16 for memory BARs, 4 for I/O. */
+  size: bigint;
+  kind: "mem32" | "mem64" | "io";
+  prefetchable?: boolean;
+}
+
+/** Capabilities the framework builds into config space, in this order. */
+export interface CapabilitiesDefinition {
+  /** PCI power management. */
+  pm?: boolean;
+  /** MSI with this many vectors (a power of two up to 32). */
+  msi?: { vectors: 1 | 2 | 4 | 8 | 16 | 32; perVectorMask?: boolean };
+  /**
+   * MSI-X: the framework serves the table and PBA at these places inside
+   * the named BARs; the device's own handlers never see those ranges.
+   */
+  msix?: { vectors: number; tableBar: number; tableOffset: number; pbaBar: number; pbaOffset: number };
+  /** A PCI Express endpoint capability (config space grows to 4 KiB). */
+  pcie?: boolean;
+}
+
+/** Which interrupt mechanism the guest driver enabled. */
+export type InterruptMode = "none" | "intx" | "msi" | "msix";
+
+/** Interrupts as the device sees them, whatever the transport does. */
+export interface Interrupts {
+  /** The mechanism the guest enabled in config space. */
+  readonly mode: InterruptMode;
+  /**
+   * Level of the INTx line (INTA# etc.). The framework reflects it in the
+   * status register and delivers it when INTx is the active mode and the
+   * command register allows it; a level still high after the guest's
+   * unmask fires again.
+   */
+  setLevel(asserted: boolean): void;
+  /**
+   * Send message-signalled interrupt `vector` (MSI or MSI-X, whichever is
+   * enabled). Returns false when neither is enabled or the vector is
+   * masked or out of range (MSI-X pending bit is set in that case).
+   */
+  notify(vector?: number): boolean;
+}
+
+/**
+ * Device-initiated DMA into client (guest) memory. Both paths (memory the
+ * client shared with an fd, and DMA_READ/WRITE messages) look the same here.
+ * Every write is logged for migration when dirty logging is on. Rejected
+ * when bus mastering is off in the command register, or when the address
+ * range is not mapped.
+ */
+export interface Dma {
+  read(address: bigint, length: number): Promise<Buffer>;
+  write(address: bigint, data: Uint8Array): Promise<void>;
+}
+
+/** What the framework hands a device when it is attached to a server. */
+export interface DeviceContext {
+  readonly irq: Interrupts;
+  readonly dma: Dma;
+  /** Read-only view of the device's config space. */
+  readonly config: {
+    read(offset: number, length: number): Buffer;
+    readonly busMaster: boolean;
+    readonly memoryEnabled: boolean;
+  };
+  readonly log: Logger;
+  /**
+   * True while the device may run (DMA, interrupts, timers): false in the
+   * migration states STOP, STOP_COPY, RESUMING and while resetting.
+   */
+  readonly running: boolean;
+}
+
+/**
+ * Large device memory migrated during pre-copy: the device tracks which of
+ * its own pages changed; the framework sends all pages once, then only dirty
+ * ones, and the rest in stop-copy.
+ */
+export interface PrecopyMemory {
+  /** Device memory size in bytes. */
+  readonly size: bigint;
+  /** Tracking granularity in bytes (a power of two). */
+  readonly pageSize: number;
+  /** Start tracking writes; every page counts as dirty from here. */
+  startTracking(): void;
+  stopTracking(): void;
+  /** Page numbers written since the last call (and clear them). */
+  takeDirtyPages(): Iterable<number>;
+  /** Count of pages dirty now, for size estimates. */
+  dirtyPageCount(): number;
+  /** Read/write raw device memory for the stream. */
+  readPage(page: number): Uint8Array;
+  writePage(page: number, data: Uint8Array): void;
+}
+
+/** Structured state: anything msgpack can carry (objects, numbers, bigints, Uint8Array). */
+export type StateValue = unknown;
+
+/** A device model. */
+export interface Device {
+  /** Short type name, checked on migration (a stream for another type is refused). */
+  readonly type: string;
+  /** Version of this device's state layout; a stream with another version is refused. */
+  readonly stateVersion: number;
+  readonly identity: DeviceIdentity;
+  readonly bars: readonly BarDefinition[];
+  /** INTx pin: 1 = INTA ... 4 = INTD; 0 or absent for none. */
+  readonly interruptPin?: number;
+  readonly capabilities?: CapabilitiesDefinition;
+  /** Called once, before any access. */
+  attach(ctx: DeviceContext): void;
+  /** Back to power-on state (config space is reset by the framework). */
+  reset(): void;
+  /** Called when `ctx.running` changes; a stopping device must stop DMA and interrupts. */
+  runStateChanged?(running: boolean): void;
+  /** Small device state (registers) for migration and snapshots. */
+  saveState(): StateValue;
+  /** Load what saveState returned (already checked for type and version). */
+  loadState(state: StateValue): void;
+  /** Large memory migrated with pre-copy, if any. */
+  readonly precopyMemory?: PrecopyMemory;
+}
+
+/** Options given on the command line as `--opt key=value`. */
+export type DeviceOptions = Readonly<Record<string, string>>;
+
+/** A factory registered under a name (`--device NAME`). */
+export interface DeviceFactory {
+  readonly name: string;
+  readonly description: string;
+  create(options: DeviceOptions): Device;
+}

@@ -1,0 +1,300 @@
+/**
+ * VFIO migration v2 for one device: walks the state machine (fsm.ts) one arc
+ * at a time and does what each arc means for the device (stop, start, begin
+ * or cancel pre-copy, produce the stop-copy stream, load a resumed stream),
+ * produces MIG_DATA_READ bytes lazily from the device's memory so a page is
+ * copied when it is sent, and answers MIG_DATA_SIZE and pre-copy info.
+ *
+ * The stream (state-stream.ts): HEADER; in pre-copy MEMORY records (every
+ * page once, then pages the device re-dirtied); at stop-copy one STATE record
+ * (config space, MSI-X table, the device's saveState), the remaining MEMORY
+ * records, END. The destination stages everything and applies it only when
+ * RESUMING -> STOP validates the whole stream, so a refused stream leaves no
+ * half-loaded state.
+ */
+import type { Logger } from "pino";
+import type { PrecopyMemory } from "../device/api.ts";
+import { MigState } from "../../protocol/constants.ts";
+import { VfioUserError, fail } from "../../protocol/errors.ts";
+import type { Endpoint } from "../server/endpoint.ts";
+import { MigrationFsm, deviceMayRun, featuresToFlags, migStateName, type MigrationFeatures } from "./fsm.ts";
+import { StateStreamReader, StateStreamWriter, type DecodedStream } from "./state-stream.ts";
+
+/** Pages per MEMORY record: 1 MiB of 4 KiB pages. */
+const PAGES_PER_RECORD = 256;
+/** Framing bytes of one MEMORY record (kind, length, offset, crc). */
+const MEMORY_RECORD_OVERHEAD = 5 + 8 + 4;
+
+export interface MigrationOptions {
+  /** Offer RUNNING_P2P / PRE_COPY_P2P (off by default; the vfio-user spec leaves P2P out). */
+  p2p?: boolean;
+}
+
+interface DeviceSnapshot {
+  config: Uint8Array;
+  msix: Uint8Array | null;
+  device: unknown;
+}
+
+export class MigrationController {
+  readonly fsm: MigrationFsm;
+  readonly features: MigrationFeatures;
+  private writer: StateStreamWriter | null = null;
+  private reader: StateStreamReader | null = null;
+  /** Pages queued to send, in order (first pass, then re-dirtied pages). */
+  private pagesToSend: number[] = [];
+  private pageCursor = 0;
+  /** Pages of the first pass still unsent (for pre-copy info's initial_bytes). */
+  private initialLeft = 0;
+  /** Stop-copy: the END record goes once every page is out. */
+  private endPending = false;
+  private readonly log: Logger;
+
+  constructor(
+    private readonly endpoint: Endpoint,
+    opts: MigrationOptions = {},
+  ) {
+    this.features = { p2p: opts.p2p ?? false, preCopy: true };
+    this.fsm = new MigrationFsm(this.features);
+    this.log = endpoint.log.child({ part: "migration" });
+  }
+
+  get state(): MigState {
+    return this.fsm.state;
+  }
+
+  get flags(): bigint {
+    return featuresToFlags(this.features);
+  }
+
+  private get memory(): PrecopyMemory | undefined {
+    return this.endpoint.device.precopyMemory;
+  }
+
+  /** MIG_DEVICE_STATE SET: walk to `to`; a failed arc leaves ERROR and rethrows. */
+  async setState(to: MigState): Promise<void> {
+    const from = this.fsm.state;
+    try {
+      await this.fsm.transition(to, (a, b) => this.hop(a, b));
+    } finally {
+      const now = this.fsm.state;
+      this.endpoint.setRunning(deviceMayRun(now));
+      if (now === MigState.ERROR) this.dropStreams();
+      this.log.info({ from: migStateName(from), to: migStateName(to), now: migStateName(now) }, "migration state");
+    }
+  }
+
+  /** DEVICE_RESET: back to RUNNING, streams dropped (recovers ERROR). */
+  reset(): void {
+    this.fsm.reset();
+    this.dropStreams();
+  }
+
+  private dropStreams(): void {
+    if (this.writer) this.memory?.stopTracking();
+    this.writer = null;
+    this.reader = null;
+    this.pagesToSend = [];
+    this.pageCursor = 0;
+    this.initialLeft = 0;
+    this.endPending = false;
+  }
+
+  private hop(from: MigState, to: MigState): void {
+    // the device stops before the arc's work when the target may not run
+    this.endpoint.setRunning(deviceMayRun(to) && deviceMayRun(from));
+    const S = MigState;
+    if (to === S.PRE_COPY && from === S.RUNNING || to === S.PRE_COPY_P2P && from === S.RUNNING_P2P) {
+      this.beginSaving();
+      const mem = this.memory;
+      if (mem) {
+        mem.startTracking();
+        this.queuePages(mem.takeDirtyPages());
+        this.initialLeft = this.pagesToSend.length;
+      }
+    } else if (to === S.STOP_COPY) {
+      if (from === S.STOP) {
+        this.beginSaving();
+        const mem = this.memory;
+        if (mem) this.queuePages(allPages(mem));
+      } else {
+        // from PRE_COPY(_P2P): what the device dirtied since goes after the unsent rest
+        const mem = this.memory;
+        if (mem) this.queuePages(mem.takeDirtyPages());
+      }
+      this.writer!.state(this.snapshot());
+      this.endPending = true;
+    } else if ((from === S.PRE_COPY || from === S.PRE_COPY_P2P) && (to === S.RUNNING || to === S.RUNNING_P2P)) {
+      // cancelled: the device goes on as if nothing happened
+      this.dropStreams();
+    } else if (from === S.STOP_COPY && to === S.STOP) {
+      this.dropStreams();
+    } else if (from === S.STOP && to === S.RESUMING) {
+      this.reader = new StateStreamReader();
+    } else if (from === S.RESUMING && to === S.STOP) {
+      const reader = this.reader;
+      this.reader = null;
+      if (!reader) throw fail.io("no resume stream");
+      this.load(reader.finish());
+    }
+  }
+
+  private beginSaving(): void {
+    this.dropStreams();
+    const w = new StateStreamWriter();
+    const dev = this.endpoint.device;
+    w.header({ deviceType: dev.type, deviceVersion: dev.stateVersion, configSize: this.endpoint.pci.config.size });
+    this.writer = w;
+  }
+
+  private queuePages(pages: Iterable<number>): void {
+    if (this.pageCursor > 0) {
+      this.pagesToSend = this.pagesToSend.slice(this.pageCursor);
+      this.pageCursor = 0;
+    }
+    for (const p of pages) this.pagesToSend.push(p);
+  }
+
+  private snapshot(): DeviceSnapshot {
+    return {
+      config: this.endpoint.pci.config.snapshot(),
+      msix: this.endpoint.pci.msixTable?.snapshot() ?? null,
+      device: this.endpoint.device.saveState(),
+    };
+  }
+
+  // ---- source: MIG_DATA_READ ----
+
+  /**
+   * Up to `max` bytes of the stream. Empty in PRE_COPY means nothing more
+   * for now; empty in STOP_COPY means the end.
+   */
+  read(max: number): Uint8Array[] {
+    const w = this.writer;
+    if (!w) return [];
+    this.fill(w, max);
+    return w.readSegments(max);
+  }
+
+  private fill(w: StateStreamWriter, max: number): void {
+    const mem = this.memory;
+    const inPrecopy = this.fsm.state !== MigState.STOP_COPY;
+    while (w.pendingBytes < max) {
+      if (mem && this.pageCursor < this.pagesToSend.length) {
+        this.queueNextRecord(w, mem);
+        continue;
+      }
+      if (mem && inPrecopy && this.initialLeft === 0) {
+        // first pass done: send what the device dirtied since, if anything
+        const before = this.pagesToSend.length - this.pageCursor;
+        this.queuePages(mem.takeDirtyPages());
+        if (this.pagesToSend.length - this.pageCursor > before) continue;
+      }
+      if (!inPrecopy && this.endPending) {
+        w.end();
+        this.endPending = false;
+      }
+      return;
+    }
+  }
+
+  /** One MEMORY record of up to PAGES_PER_RECORD contiguous pages, copied now. */
+  private queueNextRecord(w: StateStreamWriter, mem: PrecopyMemory): void {
+    const first = this.pagesToSend[this.pageCursor]!;
+    let n = 1;
+    while (n < PAGES_PER_RECORD && this.pageCursor + n < this.pagesToSend.length && this.pagesToSend[this.pageCursor + n] === first + n) n++;
+    const size = mem.pageSize;
+    const bytes = new Uint8Array(n * size);
+    for (let i = 0; i < n; i++) bytes.set(mem.readPage(first + i), i * size);
+    this.pageCursor += n;
+    if (this.initialLeft > 0) this.initialLeft = Math.max(0, this.initialLeft - n);
+    w.memory(BigInt(first) * BigInt(size), bytes);
+  }
+
+  /** MIG_DATA_SIZE: bytes a stop-copy would still produce from here. */
+  stopCopySize(): bigint {
+    const mem = this.memory;
+    const pageSize = mem?.pageSize ?? 0;
+    let pages = this.pagesToSend.length - this.pageCursor;
+    if (mem) pages += this.writer ? mem.dirtyPageCount() : Number(mem.size / BigInt(mem.pageSize));
+    const records = Math.ceil(pages / PAGES_PER_RECORD);
+    const stateBytes = 4096 + this.endpoint.pci.config.size * 2;
+    return BigInt((this.writer?.pendingBytes ?? 0) + pages * pageSize + records * MEMORY_RECORD_OVERHEAD + stateBytes);
+  }
+
+  /** Pre-copy info: what the first pass still has, and what was dirtied since. */
+  precopyInfo(): { initialBytes: bigint; dirtyBytes: bigint } {
+    const mem = this.memory;
+    const pageSize = BigInt(mem?.pageSize ?? 0);
+    const pending = BigInt(this.writer?.pendingBytes ?? 0);
+    const initialBytes = BigInt(this.initialLeft) * pageSize + (this.initialLeft > 0 ? pending : 0n);
+    const queuedDirty = this.initialLeft > 0 ? 0 : this.pagesToSend.length - this.pageCursor;
+    const dirtyBytes = BigInt(queuedDirty + (mem?.dirtyPageCount() ?? 0)) * pageSize + (this.initialLeft > 0 ? 0n : pending);
+    return { initialBytes, dirtyBytes };
+  }
+
+  // ---- destination: MIG_DATA_WRITE ----
+
+  write(data: Uint8Array): void {
+    if (!this.reader) throw fail.inval("no resume stream open");
+    this.reader.push(data);
+  }
+
+  /** Validates the whole stream, then applies it; on any refusal the device keeps its state. */
+  private load(stream: DecodedStream): void {
+    const dev = this.endpoint.device;
+    const { header } = stream;
+    if (header.deviceType !== dev.type) {
+      throw fail.inval(`stream is for device type '${header.deviceType}', this device is '${dev.type}'`);
+    }
+    if (header.deviceVersion !== dev.stateVersion) {
+      throw fail.inval(`stream has ${dev.type} state version ${header.deviceVersion}, this device speaks ${dev.stateVersion}`);
+    }
+    if (stream.states.length !== 1) throw fail.inval(`stream carries ${stream.states.length} STATE records, expected 1`);
+    const snap = stream.states[0] as DeviceSnapshot;
+    if (typeof snap !== "object" || snap === null || !(snap.config instanceof Uint8Array)) throw fail.inval("STATE record is not a device snapshot");
+    const mem = this.memory;
+    if (stream.memory.length > 0 && !mem) throw fail.inval("stream carries device memory; this device has none");
+    if (mem) {
+      for (const m of stream.memory) {
+        if (m.offset % BigInt(mem.pageSize) !== 0n || m.bytes.length % mem.pageSize !== 0 || m.offset + BigInt(m.bytes.length) > mem.size) {
+          throw fail.inval(`MEMORY record at 0x${m.offset.toString(16)} (+${m.bytes.length}) does not fit device memory`);
+        }
+      }
+    }
+    // apply, undoing on failure so nothing is half-loaded
+    const before = this.snapshot();
+    try {
+      this.endpoint.pci.config.restore(snap.config);
+      if (this.endpoint.pci.msixTable) {
+        if (!(snap.msix instanceof Uint8Array)) throw new Error("STATE record lacks the MSI-X table");
+        this.endpoint.pci.msixTable.restore(snap.msix);
+      }
+      dev.loadState(snap.device);
+    } catch (err) {
+      try {
+        this.endpoint.pci.config.restore(before.config);
+        if (before.msix) this.endpoint.pci.msixTable?.restore(before.msix);
+        dev.loadState(before.device);
+      } catch (undoErr) {
+        this.log.error({ err: (undoErr as Error).message }, "could not restore the previous state after a refused stream");
+      }
+      if (err instanceof VfioUserError) throw err;
+      throw fail.inval(`device refused the state: ${(err as Error).message}`);
+    }
+    if (mem) {
+      const size = mem.pageSize;
+      for (const m of stream.memory) {
+        const first = Number(m.offset / BigInt(size));
+        for (let i = 0; i * size < m.bytes.length; i++) mem.writePage(first + i, m.bytes.subarray(i * size, (i + 1) * size));
+      }
+    }
+    this.log.info({ bytes: stream.byteLength, memoryRecords: stream.memory.length }, "device state loaded");
+  }
+}
+
+function* allPages(mem: PrecopyMemory): Iterable<number> {
+  const n = Number(mem.size / BigInt(mem.pageSize));
+  for (let p = 0; p < n; p++) yield p;
+}
+

@@ -1,0 +1,276 @@
+/**
+ * One client connection: frames in, commands dispatched in order through
+ * the handler table, replies framed here and nowhere else, and the
+ * server-to-client requests (DMA_READ / DMA_WRITE) matched with their
+ * replies. A bad header closes the connection; a bad body gets an errno.
+ */
+import type { Logger } from "pino";
+import { COMMAND_NAMES, Command, HEADER_SIZE, HeaderFlags } from "../../protocol/constants.ts";
+import { VfioUserError, errnoOf, fail } from "../../protocol/errors.ts";
+import { FrameDecoder, maxFrameSizeFor, type Frame } from "../../protocol/frame.ts";
+import { writeHeader, type Header } from "../../protocol/header.ts";
+import { viewOf } from "../../protocol/wire.ts";
+import {
+  decodeDmaReadReply,
+  encodeDmaReadRequest,
+} from "../../protocol/messages/dma-read.ts";
+import { decodeDmaWriteReply, encodeDmaWriteRequestParts } from "../../protocol/messages/dma-write.ts";
+import type { SocketDma } from "../dma/dma-engine.ts";
+import type { Transport } from "../transport/types.ts";
+import type { HandlerTable, Reply, Request } from "./dispatcher.ts";
+import type { Endpoint } from "./endpoint.ts";
+import { commandAllowed } from "./command-rules.ts";
+import type { Session } from "./session.ts";
+
+interface Pending {
+  command: number;
+  resolve(frame: Frame): void;
+  reject(err: Error): void;
+  timer: NodeJS.Timeout;
+}
+
+export interface ConnectionOptions {
+  transport: Transport;
+  endpoint: Endpoint;
+  handlers: HandlerTable;
+  session: Session;
+  log: Logger;
+  closeFd(fd: number): void;
+  /** How long a server-to-client request may wait for its reply. */
+  requestTimeoutMs?: number;
+  /** Log every message decoded (the CLI's --trace). */
+  trace?: boolean;
+  onClose?(): void;
+}
+
+export class Connection implements SocketDma {
+  private readonly decoder: FrameDecoder;
+  private readonly queue: Frame[] = [];
+  private busy = false;
+  private closed = false;
+  private readonly pending = new Map<number, Pending>();
+  private nextMsgId = 0;
+  private readonly log: Logger;
+  private readonly trace: boolean;
+
+  constructor(private readonly opts: ConnectionOptions) {
+    this.log = opts.log;
+    this.trace = opts.trace ?? false;
+    this.decoder = new FrameDecoder({
+      maxFrameSize: maxFrameSizeFor(opts.session.limits.maxDataXferSize),
+      onFrame: (frame) => this.onFrame(frame),
+    });
+  }
+
+  get session(): Session {
+    return this.opts.session;
+  }
+
+  start(): void {
+    this.opts.endpoint.attachClient(this);
+    this.opts.transport.start({
+      data: (chunk, fds) => this.onData(chunk, fds),
+      close: (err) => this.onTransportClose(err),
+    });
+  }
+
+  close(): void {
+    this.opts.transport.close();
+  }
+
+  // ---- inbound ----
+
+  private onData(chunk: Buffer, fds: number[]): void {
+    if (this.closed) {
+      for (const fd of fds) this.opts.closeFd(fd);
+      return;
+    }
+    try {
+      this.decoder.push(chunk, fds);
+    } catch (err) {
+      // spec-level framing fault: this connection cannot be trusted to resynchronise
+      this.log.error({ err: (err as Error).message }, "bad frame; closing the connection");
+      for (const fd of fds) this.opts.closeFd(fd);
+      this.opts.transport.close();
+    }
+  }
+
+  private onFrame(frame: Frame): void {
+    const h = frame.header;
+    if ((h.flags & HeaderFlags.TYPE_MASK) === HeaderFlags.TYPE_REPLY) {
+      this.onReply(frame);
+      return;
+    }
+    if (this.trace) this.log.info({ msgId: h.msgId, cmd: COMMAND_NAMES[h.command], size: h.size, fds: frame.fds.length }, "recv");
+    this.queue.push(frame);
+    if (!this.busy) this.pump();
+  }
+
+  /** Commands run strictly in arrival order; an async handler holds the queue until it is done. */
+  private pump(): void {
+    while (!this.busy && this.queue.length > 0 && !this.closed) {
+      const frame = this.queue.shift()!;
+      let result: Reply | Promise<Reply>;
+      try {
+        result = this.dispatch(frame);
+      } catch (err) {
+        this.finish(frame, null, err);
+        continue;
+      }
+      if (result instanceof Promise) {
+        this.busy = true;
+        result.then(
+          (r) => this.finish(frame, r, null),
+          (err) => this.finish(frame, null, err),
+        ).finally(() => {
+          this.busy = false;
+          this.pump();
+        });
+        return;
+      }
+      this.finish(frame, result, null);
+    }
+  }
+
+  private dispatch(frame: Frame): Reply | Promise<Reply> {
+    const { header } = frame;
+    const session = this.opts.session;
+    const verdict = commandAllowed(header.command, session.versionDone, this.opts.endpoint.migrationState);
+    if (verdict !== null) throw verdict;
+    if (frame.fds.length > session.limits.maxMsgFds) {
+      throw fail.inval(`${frame.fds.length} fds in one message; at most ${session.limits.maxMsgFds}`);
+    }
+    const handler = this.opts.handlers.get(header.command);
+    if (!handler) throw fail.notsup(`command ${COMMAND_NAMES[header.command] ?? header.command} is not supported`);
+    const req: Request = {
+      header,
+      body: frame.body,
+      fds: frame.fds,
+      session,
+      endpoint: this.opts.endpoint,
+      log: this.log,
+      socketDma: this,
+    };
+    return handler(req);
+  }
+
+  private finish(frame: Frame, result: Reply | null, err: unknown): void {
+    // fds the handler did not take are ours to close
+    for (const fd of frame.fds) this.opts.closeFd(fd);
+    frame.fds.length = 0;
+    const h = frame.header;
+    const noReply = (h.flags & HeaderFlags.NO_REPLY) !== 0;
+    if (err !== null) {
+      const errno = errnoOf(err);
+      if (!(err instanceof VfioUserError)) {
+        this.log.error({ err, msgId: h.msgId, cmd: COMMAND_NAMES[h.command] }, "handler failed unexpectedly");
+      } else {
+        this.log.debug({ msgId: h.msgId, cmd: COMMAND_NAMES[h.command], errno, reason: err.message }, "request refused");
+      }
+      if (!noReply) this.sendError(h, errno);
+      return;
+    }
+    if (noReply || this.closed) return;
+    this.send({ msgId: h.msgId, command: h.command, size: 0, flags: HeaderFlags.TYPE_REPLY, error: 0 }, result!.parts, result!.fds);
+  }
+
+  private sendError(h: Header, errno: number): void {
+    if (this.closed) return;
+    this.send({ msgId: h.msgId, command: h.command, size: 0, flags: HeaderFlags.TYPE_REPLY | HeaderFlags.ERROR, error: errno }, []);
+  }
+
+  /** The one place messages are framed. */
+  private send(h: Header, parts: readonly Uint8Array[], fds?: readonly number[]): void {
+    let size = HEADER_SIZE;
+    for (const p of parts) size += p.length;
+    h.size = size;
+    const head = Buffer.allocUnsafe(HEADER_SIZE);
+    writeHeader(viewOf(head), 0, h);
+    if (this.trace) this.log.info({ msgId: h.msgId, cmd: COMMAND_NAMES[h.command], size, errno: h.error || undefined }, "send");
+    this.opts.transport.send([head, ...parts], fds);
+  }
+
+  // ---- server-to-client requests ----
+
+  private onReply(frame: Frame): void {
+    const p = this.pending.get(frame.header.msgId);
+    for (const fd of frame.fds) this.opts.closeFd(fd); // spec: no fds expected in DMA replies
+    if (!p || p.command !== frame.header.command) {
+      this.log.warn({ msgId: frame.header.msgId, cmd: COMMAND_NAMES[frame.header.command] }, "reply to no request of ours; ignored");
+      return;
+    }
+    this.pending.delete(frame.header.msgId);
+    clearTimeout(p.timer);
+    if (frame.header.flags & HeaderFlags.ERROR) {
+      p.reject(new VfioUserError(frame.header.error || 5, `client refused ${COMMAND_NAMES[p.command]} (errno ${frame.header.error})`));
+    } else {
+      p.resolve(frame);
+    }
+  }
+
+  private request(command: number, parts: readonly Uint8Array[]): Promise<Frame> {
+    if (this.closed) return Promise.reject(fail.fault("client disconnected"));
+    let msgId = this.nextMsgId;
+    while (this.pending.has(msgId)) msgId = (msgId + 1) & 0xffff;
+    this.nextMsgId = (msgId + 1) & 0xffff;
+    return new Promise<Frame>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(msgId);
+        reject(fail.io(`${COMMAND_NAMES[command]} to the client timed out`));
+      }, this.opts.requestTimeoutMs ?? 5000);
+      this.pending.set(msgId, { command, resolve, reject, timer });
+      this.send({ msgId, command, size: 0, flags: HeaderFlags.TYPE_COMMAND, error: 0 }, parts);
+    });
+  }
+
+  async dmaRead(address: bigint, length: number): Promise<Buffer> {
+    const max = this.opts.session.maxDataXferSize;
+    const out = Buffer.allocUnsafe(length);
+    for (let done = 0; done < length; ) {
+      const n = Math.min(max, length - done);
+      const at = address + BigInt(done);
+      const frame = await this.request(Command.DMA_READ, [encodeDmaReadRequest({ address: at, count: BigInt(n) })]);
+      const r = decodeDmaReadReply(frame.body);
+      if (r.address !== at || r.count !== BigInt(n) || r.data.length !== n) throw fail.io("DMA_READ reply does not match the request");
+      out.set(r.data, done);
+      done += n;
+    }
+    return out;
+  }
+
+  async dmaWrite(address: bigint, data: Uint8Array): Promise<void> {
+    const max = this.opts.session.maxDataXferSize;
+    for (let done = 0; done < data.length; ) {
+      const n = Math.min(max, data.length - done);
+      const at = address + BigInt(done);
+      const frame = await this.request(Command.DMA_WRITE, encodeDmaWriteRequestParts({ address: at, count: BigInt(n), data: data.subarray(done, done + n) }));
+      const r = decodeDmaWriteReply(frame.body);
+      // QEMU acknowledges with an empty body; a peer that echoes must echo this request
+      if (r.address !== undefined && (r.address !== at || r.count !== n)) throw fail.io("DMA_WRITE reply does not match the request");
+      done += n;
+    }
+  }
+
+  /** Called after VERSION: frames may now be as large as the negotiated transfer size allows. */
+  setMaxDataXferSize(size: number): void {
+    this.decoder.maxFrameSize = maxFrameSizeFor(size);
+  }
+
+  // ---- teardown ----
+
+  private onTransportClose(err?: Error): void {
+    if (this.closed) return;
+    this.closed = true;
+    if (err) this.log.warn({ err: err.message }, "connection failed");
+    for (const frame of this.queue) for (const fd of frame.fds) this.opts.closeFd(fd);
+    this.queue.length = 0;
+    for (const p of this.pending.values()) {
+      clearTimeout(p.timer);
+      p.reject(fail.fault("client disconnected"));
+    }
+    this.pending.clear();
+    this.opts.endpoint.detachClient();
+    this.log.info("client disconnected");
+    this.opts.onClose?.();
+  }
+}

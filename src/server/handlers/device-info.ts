@@ -1,0 +1,49 @@
+/** DEVICE_GET_INFO, GET_REGION_INFO, GET_REGION_IO_FDS, GET_IRQ_INFO: describing the device. */
+import { DeviceInfoFlags, IrqIndex, IrqInfoFlags, RegionIndex, RegionInfoFlags } from "../../../protocol/constants.ts";
+import { fail } from "../../../protocol/errors.ts";
+import { decodeDeviceGetInfoRequest, encodeDeviceGetInfoReply } from "../../../protocol/messages/device-get-info.ts";
+import { decodeDeviceGetIrqInfoRequest, encodeDeviceGetIrqInfoReply } from "../../../protocol/messages/device-get-irq-info.ts";
+import { decodeDeviceGetRegionInfoRequest, encodeDeviceGetRegionInfoReply } from "../../../protocol/messages/device-get-region-info.ts";
+import { decodeDeviceGetRegionIoFdsRequest, encodeDeviceGetRegionIoFdsReply } from "../../../protocol/messages/device-get-region-io-fds.ts";
+import { reply, type Reply, type Request } from "../dispatcher.ts";
+
+export function handleDeviceGetInfo(req: Request): Reply {
+  decodeDeviceGetInfoRequest(req.body);
+  return reply(
+    encodeDeviceGetInfoReply({
+      argsz: 16,
+      flags: DeviceInfoFlags.PCI | DeviceInfoFlags.RESET,
+      num_regions: RegionIndex.NUM_REGIONS,
+      num_irqs: IrqIndex.NUM_IRQS,
+    }),
+  );
+}
+
+function checkRegionIndex(index: number): void {
+  if (index >= RegionIndex.NUM_REGIONS) throw fail.inval(`region ${index} does not exist (${RegionIndex.NUM_REGIONS} regions)`);
+}
+
+export function handleDeviceGetRegionInfo(req: Request): Reply {
+  const r = decodeDeviceGetRegionInfoRequest(req.body);
+  checkRegionIndex(r.index);
+  const size = req.endpoint.regionSize(r.index);
+  const flags = size > 0n ? RegionInfoFlags.READ | RegionInfoFlags.WRITE : 0;
+  return reply(encodeDeviceGetRegionInfoReply({ argsz: 32, flags, index: r.index, cap_offset: 0, size, offset: 0n, caps: [] }));
+}
+
+export function handleDeviceGetRegionIoFds(req: Request): Reply {
+  const r = decodeDeviceGetRegionIoFdsRequest(req.body);
+  checkRegionIndex(r.index);
+  // No ioeventfd sub-regions are offered: every access comes as a message.
+  return reply(encodeDeviceGetRegionIoFdsReply({ argsz: 16, flags: 0, index: r.index, count: 0, sub_regions: [] }));
+}
+
+export function handleDeviceGetIrqInfo(req: Request): Reply {
+  const r = decodeDeviceGetIrqInfoRequest(req.body);
+  if (r.index >= IrqIndex.NUM_IRQS) throw fail.inval(`IRQ index ${r.index} does not exist`);
+  const count = req.endpoint.irq.counts[r.index] ?? 0;
+  let flags: number = IrqInfoFlags.EVENTFD;
+  if (r.index === IrqIndex.INTX) flags |= IrqInfoFlags.MASKABLE | IrqInfoFlags.AUTOMASKED;
+  else if (r.index === IrqIndex.MSI || r.index === IrqIndex.MSIX) flags |= IrqInfoFlags.NORESIZE;
+  return reply(encodeDeviceGetIrqInfoReply({ argsz: 16, flags, index: r.index, count }));
+}

@@ -1,0 +1,117 @@
+/**
+ * DEVICE_FEATURE (spec: "VFIO_USER_DEVICE_FEATURE"): migration and DMA
+ * logging, with the VFIO rules for GET / SET / PROBE. PROBE answers without
+ * side effects; a GET reply carries the data and grows argsz by its length.
+ */
+import { Feature, FeatureFlags, MigState, NO_DATA_FD } from "../../../protocol/constants.ts";
+import { fail } from "../../../protocol/errors.ts";
+import { decodeDeviceFeatureRequest, encodeDeviceFeatureParts } from "../../../protocol/messages/device-feature.ts";
+import {
+  decodeDmaLoggingControl,
+  decodeDmaLoggingReportRequest,
+  decodeFeatureMigState,
+  encodeDmaLoggingControl,
+  encodeFeatureMigDataSize,
+  encodeFeatureMigState,
+  encodeFeatureMigration,
+} from "../../../protocol/messages/device-feature-data.ts";
+import { DirtyLog, isPowerOfTwo } from "../../dma/dirty-bitmap.ts";
+import type { Reply, Request } from "../dispatcher.ts";
+
+const FIXED = 8;
+
+/** Which operations each feature supports. */
+const OPS: ReadonlyMap<number, number> = new Map([
+  [Feature.MIGRATION, FeatureFlags.GET],
+  [Feature.MIG_DEVICE_STATE, FeatureFlags.GET | FeatureFlags.SET],
+  [Feature.DMA_LOGGING_START, FeatureFlags.SET],
+  [Feature.DMA_LOGGING_STOP, FeatureFlags.SET],
+  [Feature.DMA_LOGGING_REPORT, FeatureFlags.GET],
+  [Feature.MIG_DATA_SIZE, FeatureFlags.GET],
+]);
+
+/** Smallest and largest dirty-tracking page sizes offered. */
+const MIN_LOG_PAGE = 4096n;
+const MAX_LOG_PAGE = 1n << 30n;
+
+export async function handleDeviceFeature(req: Request): Promise<Reply> {
+  const f = decodeDeviceFeatureRequest(req.body);
+  const feature = f.flags & FeatureFlags.MASK;
+  const ops = f.flags & (FeatureFlags.GET | FeatureFlags.SET);
+  const supported = OPS.get(feature);
+  if (supported === undefined) throw fail.notsup(`device feature ${feature} is not supported`);
+  if (ops === 0) throw fail.inval("DEVICE_FEATURE without GET or SET");
+  if ((ops & ~supported) !== 0) throw fail.inval(`device feature ${feature} does not support ${ops & FeatureFlags.SET ? "SET" : "GET"}`);
+  // spec: the reply to SET or PROBE is the request payload
+  const echo = (): Reply => ({ parts: encodeDeviceFeatureParts({ argsz: FIXED + f.data.length, flags: f.flags, data: f.data }) });
+  if (f.flags & FeatureFlags.PROBE) return echo();
+
+  const ep = req.endpoint;
+  const get = (data: Uint8Array): Reply => {
+    // spec: GET adds the data and its length to argsz; a reply the client has no room for carries only argsz
+    const argsz = FIXED + data.length;
+    if (argsz > f.argsz) return { parts: encodeDeviceFeatureParts({ argsz, flags: f.flags, data: new Uint8Array(0) }) };
+    return { parts: encodeDeviceFeatureParts({ argsz, flags: f.flags, data }) };
+  };
+
+  switch (feature) {
+    case Feature.MIGRATION:
+      return get(encodeFeatureMigration({ flags: ep.migration.flags }));
+
+    case Feature.MIG_DEVICE_STATE: {
+      if (ops === FeatureFlags.GET) return get(encodeFeatureMigState({ device_state: ep.migration.state, data_fd: NO_DATA_FD }));
+      const m = decodeFeatureMigState(f.data);
+      if (m.device_state === MigState.ERROR) throw fail.inval("ERROR cannot be requested");
+      await ep.migration.setState(m.device_state as MigState);
+      // the reply carries the new state; data_fd is -1, never an echo (data moves with MIG_DATA_READ/WRITE)
+      const data = encodeFeatureMigState({ device_state: ep.migration.state, data_fd: NO_DATA_FD });
+      return { parts: encodeDeviceFeatureParts({ argsz: FIXED + data.length, flags: f.flags, data }) };
+    }
+
+    case Feature.DMA_LOGGING_START: {
+      const c = decodeDmaLoggingControl(f.data);
+      if (ep.dirtyLog) throw fail.busy("DMA logging is already started");
+      // the page size is a hint: a power of two in range is honoured, anything else gets the nearest supported
+      let pageSize = c.page_size;
+      if (!isPowerOfTwo(pageSize) || pageSize < MIN_LOG_PAGE) pageSize = MIN_LOG_PAGE;
+      if (pageSize > MAX_LOG_PAGE) pageSize = MAX_LOG_PAGE;
+      // spec (vfio.h): no ranges means every mapped region
+      const ranges = c.ranges.length > 0 ? c.ranges : ep.dmaTable.regions().map((r) => ({ iova: r.iova, length: r.size }));
+      if (ranges.length === 0) throw fail.inval("DMA logging of all memory, but nothing is mapped");
+      for (const r of ranges) {
+        if (r.length === 0n || r.iova % pageSize !== 0n || r.length % pageSize !== 0n) {
+          throw fail.inval(`logging range 0x${r.iova.toString(16)}+0x${r.length.toString(16)} is not aligned to page size ${pageSize}`);
+        }
+      }
+      ep.startDirtyLog(new DirtyLog(ranges, pageSize));
+      req.log.info({ ranges: ranges.length, pageSize }, "DMA logging started");
+      const data = encodeDmaLoggingControl({ page_size: pageSize, ranges: c.ranges });
+      return { parts: encodeDeviceFeatureParts({ argsz: FIXED + data.length, flags: f.flags, data }) };
+    }
+
+    case Feature.DMA_LOGGING_STOP:
+      ep.stopDirtyLog();
+      return echo();
+
+    case Feature.DMA_LOGGING_REPORT: {
+      const r = decodeDmaLoggingReportRequest(f.data);
+      const log = ep.dirtyLog;
+      if (!log) throw fail.inval("DMA logging is not started");
+      // kernel rule: a report page is a power of two of at least 4 KiB
+      if (!isPowerOfTwo(r.page_size) || r.page_size < MIN_LOG_PAGE) throw fail.inval(`report page size ${r.page_size} is not a power of two >= 4096`);
+      const bitmapBytes = ((r.length / r.page_size + 63n) / 64n) * 8n;
+      const argsz = BigInt(FIXED + f.data.length) + bitmapBytes;
+      if (argsz > BigInt(f.argsz) || argsz > BigInt(req.session.maxDataXferSize) + 64n) {
+        if (argsz > BigInt(req.session.maxDataXferSize) + 64n) throw fail.toobig(`a ${bitmapBytes}-byte bitmap exceeds max_data_xfer_size`);
+        // spec: no room: report the size needed, change nothing
+        return { parts: encodeDeviceFeatureParts({ argsz: Number(argsz), flags: f.flags, data: f.data }) };
+      }
+      const bitmap = log.report(r.iova, r.length, r.page_size);
+      return { parts: [...encodeDeviceFeatureParts({ argsz: Number(argsz), flags: f.flags, data: f.data }), bitmap] };
+    }
+
+    case Feature.MIG_DATA_SIZE:
+      return get(encodeFeatureMigDataSize({ stop_copy_length: ep.migration.stopCopySize() }));
+  }
+  throw fail.notsup(`device feature ${feature} is not supported`);
+}

@@ -1,0 +1,34 @@
+/** VERSION: agree on the protocol version and capabilities (spec: "VFIO_USER_VERSION"). */
+import { PROTOCOL_MAJOR, PROTOCOL_MINOR } from "../../../protocol/constants.ts";
+import { parseCapabilities, serializeCapabilities } from "../../../protocol/capabilities.ts";
+import { fail } from "../../../protocol/errors.ts";
+import { decodeVersion, encodeVersion } from "../../../protocol/messages/version.ts";
+import { reply, type Reply, type Request } from "../dispatcher.ts";
+
+export function handleVersion(req: Request): Reply {
+  const v = decodeVersion(req.body);
+  // spec: the server must support the client's major version, and answers with a minor <= the proposed one
+  if (v.major !== PROTOCOL_MAJOR) throw fail.notsup(`protocol major ${v.major} is not supported (this server speaks ${PROTOCOL_MAJOR})`);
+  const minor = Math.min(v.minor, PROTOCOL_MINOR);
+  const client = parseCapabilities(v.data);
+  const { session } = req;
+  const limits = session.limits;
+  session.maxDataXferSize = Math.min(client.max_data_xfer_size, limits.maxDataXferSize);
+  session.clientMaxMsgFds = client.max_msg_fds;
+  const pgsize = client.migration ? limits.migrationPgsize & client.migration.pgsize : limits.migrationPgsize;
+  const caps = serializeCapabilities({
+    max_msg_fds: limits.maxMsgFds,
+    max_data_xfer_size: session.maxDataXferSize,
+    pgsizes: 4096n,
+    max_dma_maps: limits.maxDmaMaps,
+    write_multiple: true,
+    migration: {
+      pgsize: pgsize !== 0n ? pgsize : limits.migrationPgsize,
+      max_bitmap_size: Number(limits.maxBitmapSize),
+    },
+  });
+  session.versionDone = true;
+  session.onNegotiated?.(session.maxDataXferSize);
+  req.log.info({ major: v.major, minor, client: v.data }, "version negotiated");
+  return reply(encodeVersion({ major: PROTOCOL_MAJOR, minor, data: caps }));
+}

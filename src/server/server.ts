@@ -1,0 +1,101 @@
+/**
+ * The server: one device, one UNIX socket, one client at a time. A second
+ * client is refused (closed at once, logged); after a client leaves, the next
+ * one finds the device as the last one left it.
+ */
+import type { Logger } from "pino";
+import type { Device } from "../device/api.ts";
+import { silentLogger } from "../log.ts";
+import { native } from "../transport/native.ts";
+import { UnixServer, type UnixConnection } from "../transport/unix-socket.ts";
+import type { Transport } from "../transport/types.ts";
+import { Connection } from "./connection.ts";
+import type { Handler } from "./dispatcher.ts";
+import { Endpoint } from "./endpoint.ts";
+import { buildHandlerTable } from "./handlers/index.ts";
+import { DEFAULT_LIMITS, Session, type ServerLimits } from "./session.ts";
+
+export interface ServerOptions {
+  device: Device;
+  log?: Logger;
+  limits?: Partial<ServerLimits>;
+  /** Log every message (command, size, key fields). */
+  trace?: boolean;
+  /** Extra handlers (migration adds its commands here). */
+  handlers?: Iterable<[number, Handler]>;
+  /** Timeout of server-to-client requests (DMA_READ/WRITE), ms. */
+  requestTimeoutMs?: number;
+}
+
+function closeFd(fd: number): void {
+  if (fd >= 0) native.close(fd);
+}
+
+export class VfioUserServer {
+  readonly endpoint: Endpoint;
+  readonly log: Logger;
+  private readonly limits: ServerLimits;
+  private readonly handlers;
+  private current: Connection | null = null;
+  private listener: UnixServer | null = null;
+  private connCounter = 0;
+
+  constructor(private readonly opts: ServerOptions) {
+    this.log = opts.log ?? silentLogger();
+    this.limits = { ...DEFAULT_LIMITS, ...opts.limits };
+    this.endpoint = new Endpoint(opts.device, { log: this.log, maxDmaMaps: this.limits.maxDmaMaps, closeFd });
+    this.handlers = buildHandlerTable(opts.handlers);
+  }
+
+  /** Listens on a UNIX socket (mode 0600 unless given). */
+  listen(socketPath: string, mode = 0o600): void {
+    this.listener = UnixServer.listen(socketPath, {
+      mode,
+      onConnection: (c: UnixConnection) => this.accept(c),
+      onError: (err) => this.log.warn({ err: err.message }, "accept failed"),
+    });
+    this.log.info({ socket: socketPath, device: this.opts.device.type }, "listening");
+  }
+
+  /** Serves a client over any transport (sockets, or an in-memory pair in tests). */
+  accept(transport: Transport): Connection | null {
+    if (this.current) {
+      this.log.warn({ peer: transport.peer }, "refused a second client: one client at a time");
+      transport.start({ data: (_chunk, fds) => fds.forEach(closeFd), close: () => {} });
+      transport.close();
+      return null;
+    }
+    const id = ++this.connCounter;
+    const log = this.log.child({ conn: id });
+    const session = new Session(this.limits);
+    const conn = new Connection({
+      transport,
+      endpoint: this.endpoint,
+      handlers: this.handlers,
+      session,
+      log,
+      closeFd,
+      trace: this.opts.trace,
+      requestTimeoutMs: this.opts.requestTimeoutMs,
+      onClose: () => {
+        if (this.current === conn) this.current = null;
+      },
+    });
+    session.onNegotiated = (size) => conn.setMaxDataXferSize(size);
+    this.current = conn;
+    log.info({ peer: transport.peer }, "client connected");
+    conn.start();
+    return conn;
+  }
+
+  get connection(): Connection | null {
+    return this.current;
+  }
+
+  /** Stops listening, drops the client, removes the socket file. */
+  close(): void {
+    this.listener?.close();
+    this.listener = null;
+    this.current?.close();
+  }
+}
