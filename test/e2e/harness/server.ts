@@ -1,0 +1,238 @@
+/**
+ * Our vfio-user server for end-to-end tests, two ways:
+ *
+ * - `startServer`: in this process (`VfioUserServer`), so a test can look
+ *   at the endpoint's state directly. Its log goes to memory (JSON lines,
+ *   parsed on demand) and, with `VFIO_USER_E2E_LOG=1`, to stderr too.
+ * - `spawnCliServer`: the `vfio-user-ts serve` command as a separate
+ *   process, as a user would run it.
+ *
+ * Both listen inside a shared directory (see shared-dir.ts) so that QEMU,
+ * chrooted into the trixie root, can connect.
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { existsSync } from "node:fs";
+import { join } from "node:path";
+import { pino, type Logger } from "pino";
+import type { Device } from "../../../src/device/api.ts";
+import { VfioUserServer } from "../../../src/server/server.ts";
+import { REPO_ROOT, type SharedDir } from "./shared-dir.ts";
+
+/** One parsed pino line (`msg`, `level`, `time` and the fields the server logged). */
+export interface LogRecord {
+  level: number;
+  msg: string;
+  time?: number;
+  [field: string]: unknown;
+}
+
+/** An in-memory log sink with helpers to query it. */
+export class LogCapture {
+  private readonly lines: string[] = [];
+  private readonly cap: number;
+  private readonly echo: boolean;
+
+  constructor(cap = 200_000, echo = process.env.VFIO_USER_E2E_LOG === "1") {
+    this.cap = cap;
+    this.echo = echo;
+  }
+
+  /** pino's destination interface. */
+  write(s: string): void {
+    for (const line of s.split("\n")) {
+      if (line === "") continue;
+      this.lines.push(line);
+      if (this.echo) process.stderr.write(`[server] ${line}\n`);
+    }
+    if (this.lines.length > this.cap) this.lines.splice(0, this.lines.length - this.cap);
+  }
+
+  /** Number of lines so far (use as a mark for `since`). */
+  get length(): number {
+    return this.lines.length;
+  }
+
+  /** Raw lines, optionally only those after `mark`. */
+  raw(mark = 0): string[] {
+    return this.lines.slice(mark);
+  }
+
+  /** Parsed records after `mark` (unparseable lines become `{ msg: line }`). */
+  records(mark = 0): LogRecord[] {
+    return this.raw(mark).map(parseLine);
+  }
+
+  /** The last `n` lines, for error messages. */
+  tail(n = 40): string {
+    return this.lines.slice(-n).join("\n");
+  }
+
+  clear(): void {
+    this.lines.length = 0;
+  }
+}
+
+export function parseLine(line: string): LogRecord {
+  try {
+    const v = JSON.parse(line) as unknown;
+    if (v !== null && typeof v === "object") return v as LogRecord;
+  } catch {
+    // not JSON
+  }
+  return { level: 30, msg: line };
+}
+
+/** Messages received (`recv` trace records) with this command name, after `mark`. */
+export function received(records: readonly LogRecord[], cmd: string): LogRecord[] {
+  return records.filter((r) => r.msg === "recv" && r.cmd === cmd);
+}
+
+export interface ServerHandle {
+  readonly server: VfioUserServer;
+  /** Host path of the listening socket (pass to startQemu's vfioUserSocket). */
+  readonly socketPath: string;
+  readonly log: LogCapture;
+  /** Records at level warn (40) or above, after `mark`. */
+  problems(mark?: number): LogRecord[];
+  close(): void;
+}
+
+export interface StartServerOptions {
+  dir: SharedDir;
+  device: Device;
+  /** Socket file name inside `dir` (default `<device.type>.sock`). */
+  name?: string;
+  /** Log every message (default true: tests look for commands in the log). */
+  trace?: boolean;
+  /** pino level (default debug). */
+  level?: pino.LevelWithSilent;
+}
+
+/** Start a `VfioUserServer` in this process, listening in `dir`. */
+export function startServer(opts: StartServerOptions): ServerHandle {
+  const capture = new LogCapture();
+  const log: Logger = pino({ level: opts.level ?? "debug", base: undefined }, capture);
+  const socketPath = join(opts.dir.host, opts.name ?? `${opts.device.type}.sock`);
+  const server = new VfioUserServer({ device: opts.device, log, trace: opts.trace ?? true });
+  server.listen(socketPath);
+  let closed = false;
+  return {
+    server,
+    socketPath,
+    log: capture,
+    problems: (mark = 0) => capture.records(mark).filter((r) => r.level >= 40),
+    close() {
+      if (closed) return;
+      closed = true;
+      server.close();
+    },
+  };
+}
+
+export const CLI_PATH = join(REPO_ROOT, "src/cli/vfio-user-ts.mjs");
+
+export interface CliServer {
+  readonly proc: ChildProcess;
+  readonly socketPath: string;
+  /** Spawn to the "serving" line on stdout, ms. */
+  readonly startMs: number;
+  stdout(): string;
+  /** The server's log (JSON lines on stderr). */
+  stderr(): string;
+  readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  /** SIGTERM (the CLI's clean shutdown), SIGKILL after `killAfterMs`. Idempotent. */
+  stop(killAfterMs?: number): Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+}
+
+const liveCli = new Set<ChildProcess>();
+let cliExitHook = false;
+
+/**
+ * Run `vfio-user-ts serve --device DEVICE --socket PATH` as its own process
+ * and wait until it says it is serving. Extra CLI arguments go in `args`.
+ */
+export async function spawnCliServer(opts: {
+  dir: SharedDir;
+  device?: string;
+  name?: string;
+  args?: string[];
+  timeoutMs?: number;
+}): Promise<CliServer> {
+  if (!existsSync(CLI_PATH)) throw new Error(`CLI ${CLI_PATH} does not exist`);
+  const socketPath = join(opts.dir.host, opts.name ?? "cli.sock");
+  const args = [CLI_PATH, "serve", "--device", opts.device ?? "edu", "--socket", socketPath, "--log-format", "json", ...(opts.args ?? [])];
+  if (!cliExitHook) {
+    cliExitHook = true;
+    process.on("exit", () => {
+      for (const p of liveCli) p.kill("SIGKILL");
+    });
+  }
+  const t0 = performance.now();
+  const proc = spawn(process.execPath, args, { cwd: REPO_ROOT, stdio: ["ignore", "pipe", "pipe"] });
+  liveCli.add(proc);
+  let out = "";
+  let err = "";
+  proc.stdout!.setEncoding("utf8");
+  proc.stderr!.setEncoding("utf8");
+  proc.stderr!.on("data", (s: string) => {
+    err = (err + s).slice(-1 << 20);
+    if (process.env.VFIO_USER_E2E_LOG === "1") process.stderr.write(s.replace(/^(?=.)/gm, "[cli] "));
+  });
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
+    proc.on("close", (code, signal) => {
+      liveCli.delete(proc);
+      resolve({ code, signal });
+    });
+    proc.on("error", (e) => {
+      err += `\n[spawn error: ${e.message}]`;
+      liveCli.delete(proc);
+      resolve({ code: null, signal: null });
+    });
+  });
+  const timeoutMs = opts.timeoutMs ?? 20_000;
+  const ready = new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`CLI did not report serving within ${timeoutMs} ms`)), timeoutMs);
+    proc.stdout!.on("data", (s: string) => {
+      out += s;
+      if (/vfio-user-ts: serving /.test(out)) {
+        clearTimeout(timer);
+        resolve();
+      }
+    });
+    void exited.then((e) => {
+      clearTimeout(timer);
+      reject(new Error(`CLI exited during startup (code ${e.code}, signal ${e.signal})`));
+    });
+  });
+  let stopping: Promise<{ code: number | null; signal: NodeJS.Signals | null }> | undefined;
+  const stop = (killAfterMs = 5000) => {
+    stopping ??= (async () => {
+      if (proc.exitCode === null && proc.signalCode === null) {
+        proc.kill("SIGTERM");
+        const t = setTimeout(() => proc.kill("SIGKILL"), killAfterMs);
+        try {
+          return await exited;
+        } finally {
+          clearTimeout(t);
+        }
+      }
+      return exited;
+    })();
+    return stopping;
+  };
+  try {
+    await ready;
+  } catch (e) {
+    await stop(1000);
+    throw new Error(`spawnCliServer: ${(e as Error).message}\nstdout:\n${out}\nstderr:\n${err}`);
+  }
+  return {
+    proc,
+    socketPath,
+    startMs: performance.now() - t0,
+    stdout: () => out,
+    stderr: () => err,
+    exited,
+    stop,
+  };
+}
