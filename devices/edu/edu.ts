@@ -103,7 +103,10 @@ export class EduDevice implements Device {
   }
 
   runStateChanged(running: boolean): void {
-    if (running) this.scheduleWork();
+    if (!running) return;
+    // after a migration the line level is ours to restore: it is part of our state
+    if (this.s.irqStatus !== 0 && this.ctx.irq.mode !== "msi") this.ctx.irq.setLevel(true);
+    this.scheduleWork();
   }
 
   saveState(): unknown {

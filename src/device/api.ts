@@ -116,7 +116,11 @@ export interface PrecopyMemory {
   /** Start tracking writes; every page counts as dirty from here. */
   startTracking(): void;
   stopTracking(): void;
-  /** Page numbers written since the last call (and clear them). */
+  /**
+   * Page numbers written since the last call. Each page is cleared as it is
+   * handed out, so a page written after that is reported again next time.
+   * The framework reads the whole iterable at once.
+   */
   takeDirtyPages(): Iterable<number>;
   /** Count of pages dirty now, for size estimates. */
   dirtyPageCount(): number;
@@ -143,7 +147,11 @@ export interface Device {
   attach(ctx: DeviceContext): void;
   /** Back to power-on state (config space is reset by the framework). */
   reset(): void;
-  /** Called when `ctx.running` changes; a stopping device must stop DMA and interrupts. */
+  /**
+   * Called when `ctx.running` changes; a stopping device must stop DMA and
+   * interrupts. The INTx level is device state: after `loadState`, a device
+   * whose state implies an asserted line calls `irq.setLevel(true)` here.
+   */
   runStateChanged?(running: boolean): void;
   /** Small device state (registers) for migration and snapshots. */
   saveState(): StateValue;
