@@ -6,6 +6,7 @@
 import type { Logger } from "pino";
 import type { Device } from "../device/api.ts";
 import { silentLogger } from "../log.ts";
+import type { MigrationOptions } from "../migration/controller.ts";
 import { native } from "../transport/native.ts";
 import { UnixServer, type UnixConnection } from "../transport/unix-socket.ts";
 import type { Transport } from "../transport/types.ts";
@@ -25,6 +26,8 @@ export interface ServerOptions {
   handlers?: Iterable<[number, Handler]>;
   /** Timeout of server-to-client requests (DMA_READ/WRITE), ms. */
   requestTimeoutMs?: number;
+  /** Migration options (P2P states offered or not), forwarded to the endpoint. */
+  migration?: MigrationOptions;
 }
 
 function closeFd(fd: number): void {
@@ -43,7 +46,7 @@ export class VfioUserServer {
   constructor(private readonly opts: ServerOptions) {
     this.log = opts.log ?? silentLogger();
     this.limits = { ...DEFAULT_LIMITS, ...opts.limits };
-    this.endpoint = new Endpoint(opts.device, { log: this.log, maxDmaMaps: this.limits.maxDmaMaps, closeFd });
+    this.endpoint = new Endpoint(opts.device, { log: this.log, maxDmaMaps: this.limits.maxDmaMaps, closeFd, migration: opts.migration });
     this.handlers = buildHandlerTable(opts.handlers);
   }
 

@@ -40,7 +40,8 @@ export async function handleDeviceFeature(req: Request): Promise<Reply> {
   const ops = f.flags & (FeatureFlags.GET | FeatureFlags.SET);
   const supported = OPS.get(feature);
   if (supported === undefined) throw fail.notsup(`device feature ${feature} is not supported`);
-  if (ops === 0) throw fail.inval("DEVICE_FEATURE without GET or SET");
+  // kernel (vfio_check_feature): PROBE alone asks whether the feature exists (QEMU probes DMA_LOGGING_START so)
+  if (ops === 0 && (f.flags & FeatureFlags.PROBE) === 0) throw fail.inval("DEVICE_FEATURE without GET or SET");
   if ((ops & ~supported) !== 0) throw fail.inval(`device feature ${feature} does not support ${ops & FeatureFlags.SET ? "SET" : "GET"}`);
   // spec: the reply to SET or PROBE is the request payload
   const echo = (): Reply => ({ parts: encodeDeviceFeatureParts({ argsz: FIXED + f.data.length, flags: f.flags, data: f.data }) });
