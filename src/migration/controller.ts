@@ -8,9 +8,13 @@
  * The stream (state-stream.ts): HEADER; in pre-copy MEMORY records (every
  * page once, then pages the device re-dirtied); at stop-copy one STATE record
  * (config space, MSI-X table, the device's saveState), the remaining MEMORY
- * records, END. The destination stages everything and applies it only when
- * RESUMING -> STOP validates the whole stream, so a refused stream leaves no
- * half-loaded state.
+ * records, END. The destination checks the HEADER the moment it arrives,
+ * writes MEMORY records into device memory as they come (so the downtime
+ * does not grow with the device's size), and loads the STATE record only
+ * when RESUMING -> STOP has validated the whole stream. A refused stream
+ * leaves no half-loaded state: config space and device registers are
+ * untouched, and device memory the stream had already written is reset to
+ * power-on together with the rest of the device.
  */
 import type { Logger } from "pino";
 import type { PrecopyMemory } from "../device/api.ts";
@@ -18,7 +22,7 @@ import { MigState } from "../../protocol/constants.ts";
 import { VfioUserError, fail } from "../../protocol/errors.ts";
 import type { Endpoint } from "../server/endpoint.ts";
 import { MigrationFsm, deviceMayRun, featuresToFlags, migStateName, type MigrationFeatures } from "./fsm.ts";
-import { StateStreamReader, StateStreamWriter, type DecodedStream } from "./state-stream.ts";
+import { RecordKind, StateStreamReader, StateStreamWriter, type DecodedRecord, type StreamHeader } from "./state-stream.ts";
 
 /** Pages per MEMORY record: 1 MiB of 4 KiB pages. */
 const PAGES_PER_RECORD = 256;
@@ -41,6 +45,9 @@ export class MigrationController {
   readonly features: MigrationFeatures;
   private writer: StateStreamWriter | null = null;
   private reader: StateStreamReader | null = null;
+  /** Destination: STATE records seen, and whether device memory was written. */
+  private resumeStates: unknown[] = [];
+  private resumeWroteMemory = false;
   /** Pages queued to send, in order (first pass, then re-dirtied pages). */
   private pagesToSend: number[] = [];
   private pageCursor = 0;
@@ -94,6 +101,7 @@ export class MigrationController {
     if (this.writer) this.memory?.stopTracking();
     this.writer = null;
     this.reader = null;
+    this.resumeStates = [];
     this.pagesToSend = [];
     this.pageCursor = 0;
     this.initialLeft = 0;
@@ -130,12 +138,20 @@ export class MigrationController {
     } else if (from === S.STOP_COPY && to === S.STOP) {
       this.dropStreams();
     } else if (from === S.STOP && to === S.RESUMING) {
-      this.reader = new StateStreamReader();
+      this.resumeStates = [];
+      this.resumeWroteMemory = false;
+      this.reader = new StateStreamReader({ onRecord: (r) => this.onResumeRecord(r) });
     } else if (from === S.RESUMING && to === S.STOP) {
       const reader = this.reader;
       this.reader = null;
-      if (!reader) throw fail.io("no resume stream");
-      this.load(reader.finish());
+      try {
+        if (!reader) throw fail.io("no resume stream");
+        reader.finish();
+        this.loadState();
+      } catch (err) {
+        this.discardPartialResume();
+        throw err;
+      }
     }
   }
 
@@ -240,29 +256,48 @@ export class MigrationController {
     this.reader.push(data);
   }
 
-  /** Validates the whole stream, then applies it; on any refusal the device keeps its state. */
-  private load(stream: DecodedStream): void {
+  /** Each record as the reader validates it: HEADER checked at once, MEMORY applied at once. */
+  private onResumeRecord(r: DecodedRecord): void {
+    switch (r.kind) {
+      case RecordKind.HEADER:
+        this.checkHeader(r.header);
+        return;
+      case RecordKind.STATE:
+        this.resumeStates.push(r.value);
+        return;
+      case RecordKind.MEMORY: {
+        const mem = this.memory;
+        if (!mem) throw fail.inval("stream carries device memory; this device has none");
+        const size = mem.pageSize;
+        if (r.offset % BigInt(size) !== 0n || r.bytes.length % size !== 0 || r.offset + BigInt(r.bytes.length) > mem.size) {
+          throw fail.inval(`MEMORY record at 0x${r.offset.toString(16)} (+${r.bytes.length}) does not fit device memory`);
+        }
+        this.resumeWroteMemory = true;
+        const first = Number(r.offset / BigInt(size));
+        for (let i = 0; i * size < r.bytes.length; i++) mem.writePage(first + i, r.bytes.subarray(i * size, (i + 1) * size));
+        return;
+      }
+    }
+  }
+
+  private checkHeader(header: StreamHeader): void {
     const dev = this.endpoint.device;
-    const { header } = stream;
     if (header.deviceType !== dev.type) {
       throw fail.inval(`stream is for device type '${header.deviceType}', this device is '${dev.type}'`);
     }
     if (header.deviceVersion !== dev.stateVersion) {
       throw fail.inval(`stream has ${dev.type} state version ${header.deviceVersion}, this device speaks ${dev.stateVersion}`);
     }
-    if (stream.states.length !== 1) throw fail.inval(`stream carries ${stream.states.length} STATE records, expected 1`);
-    const snap = stream.states[0] as DeviceSnapshot;
+  }
+
+  /** Loads the STATE record of a fully validated stream, undoing on failure. */
+  private loadState(): void {
+    const dev = this.endpoint.device;
+    const states = this.resumeStates;
+    this.resumeStates = [];
+    if (states.length !== 1) throw fail.inval(`stream carries ${states.length} STATE records, expected 1`);
+    const snap = states[0] as DeviceSnapshot;
     if (typeof snap !== "object" || snap === null || !(snap.config instanceof Uint8Array)) throw fail.inval("STATE record is not a device snapshot");
-    const mem = this.memory;
-    if (stream.memory.length > 0 && !mem) throw fail.inval("stream carries device memory; this device has none");
-    if (mem) {
-      for (const m of stream.memory) {
-        if (m.offset % BigInt(mem.pageSize) !== 0n || m.bytes.length % mem.pageSize !== 0 || m.offset + BigInt(m.bytes.length) > mem.size) {
-          throw fail.inval(`MEMORY record at 0x${m.offset.toString(16)} (+${m.bytes.length}) does not fit device memory`);
-        }
-      }
-    }
-    // apply, undoing on failure so nothing is half-loaded
     const before = this.snapshot();
     try {
       this.endpoint.pci.config.restore(snap.config);
@@ -282,14 +317,16 @@ export class MigrationController {
       if (err instanceof VfioUserError) throw err;
       throw fail.inval(`device refused the state: ${(err as Error).message}`);
     }
-    if (mem) {
-      const size = mem.pageSize;
-      for (const m of stream.memory) {
-        const first = Number(m.offset / BigInt(size));
-        for (let i = 0; i * size < m.bytes.length; i++) mem.writePage(first + i, m.bytes.subarray(i * size, (i + 1) * size));
-      }
-    }
-    this.log.info({ bytes: stream.byteLength, memoryRecords: stream.memory.length }, "device state loaded");
+    this.log.info("device state loaded");
+  }
+
+  /** A refused resume that already wrote device memory: back to power-on, nothing half-loaded. */
+  private discardPartialResume(): void {
+    if (!this.resumeWroteMemory) return;
+    this.resumeWroteMemory = false;
+    this.log.warn("refused resume stream had written device memory; device reset to power-on");
+    this.endpoint.pci.reset();
+    this.endpoint.device.reset();
   }
 }
 
