@@ -2,8 +2,9 @@
 import type { DeviceFactory } from "../src/index.ts";
 import { bigmemFactory } from "./bigmem/bigmem.ts";
 import { eduFactory } from "./edu/edu.ts";
+import { counterFactory } from "./tutorial/counter.ts";
 
-export const DEVICES: readonly DeviceFactory[] = [eduFactory, bigmemFactory];
+export const DEVICES: readonly DeviceFactory[] = [eduFactory, bigmemFactory, counterFactory];
 
 export function findDevice(name: string): DeviceFactory | undefined {
   return DEVICES.find((d) => d.name === name);

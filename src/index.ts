@@ -17,3 +17,21 @@ export type {
   RegionHandlers,
   StateValue,
 } from "./device/api.ts";
+
+// Saved-state helpers for saveState / loadState.
+export { readState, StateReader, stateDifference, statesEqual, normalizeState, packState, unpackState } from "./device/state.ts";
+
+// Running a device: the server and its logger.
+export { VfioUserServer, type ServerOptions } from "./server/server.ts";
+export { createLogger, silentLogger, type LogOptions } from "./log.ts";
+
+// The compliance suite every device must pass (what `vfio-user-ts check` runs).
+export {
+  runCompliance,
+  complianceCheckIds,
+  formatCheckResult,
+  formatComplianceReport,
+  type CheckResult,
+  type ComplianceOptions,
+  type ComplianceReport,
+} from "./compliance/index.ts";

@@ -9,12 +9,20 @@ import { DEVICES, findDevice } from "../../devices/index.ts";
 import type { DeviceOptions } from "../device/api.ts";
 import { createLogger } from "../log.ts";
 import { VfioUserServer } from "../server/server.ts";
+import { DEMO_MIGRATE_USAGE, demoMigrateMain } from "./demo-migrate.ts";
+import { snapshotMain } from "./snapshot.ts";
+import { checkCommand } from "./check.ts";
 
 const USAGE = `Usage: vfio-user-ts <command> [options]
 
 Commands:
   serve      serve a device on a UNIX socket for QEMU's vfio-user-pci
   devices    list the devices this build ships
+  check      run the device compliance suite against a device (no QEMU needed)
+  demo migrate
+             live-migrate a bigmem device between two servers and check it
+  snapshot save|restore
+             save a device's state to a file, or load it back
 
 Run 'vfio-user-ts <command> --help' for a command's options.`;
 
@@ -28,6 +36,7 @@ Options:
   --log-level LEVEL    fatal|error|warn|info|debug|trace|silent (default info)
   --log-format FORMAT  pretty|json (default: pretty on a terminal, else json)
   --trace              log every message received and sent
+  --p2p                offer the P2P migration states (RUNNING_P2P, PRE_COPY_P2P)
   -h, --help           this text`;
 
 export class UsageError extends Error {}
@@ -66,6 +75,7 @@ async function serve(argv: string[]): Promise<number> {
       "log-level": { type: "string", default: "info" },
       "log-format": { type: "string" },
       trace: { type: "boolean", default: false },
+      p2p: { type: "boolean", default: false },
       help: { type: "boolean", short: "h", default: false },
     },
     strict: true,
@@ -94,7 +104,7 @@ async function serve(argv: string[]): Promise<number> {
     throw new UsageError(`device '${factory.name}': ${(err as Error).message}`);
   }
   const log = createLogger({ level, pretty: format === undefined ? undefined : format === "pretty" });
-  const server = new VfioUserServer({ device, log, trace: values.trace });
+  const server = new VfioUserServer({ device, log, trace: values.trace, migration: { p2p: values.p2p } });
   try {
     server.listen(values.socket, mode);
   } catch (err) {
@@ -129,6 +139,19 @@ export async function main(argv: string[]): Promise<number> {
         return await serve(rest);
       case "devices":
         return listDevices();
+      case "check":
+        return await checkCommand(rest);
+      case "demo": {
+        const [what, ...args] = rest;
+        if (what === "migrate") return await demoMigrateMain(args);
+        if (what === "-h" || what === "--help") {
+          console.log(DEMO_MIGRATE_USAGE);
+          return 0;
+        }
+        throw new UsageError(`unknown demo '${what ?? ""}'; try 'demo migrate'`);
+      }
+      case "snapshot":
+        return await snapshotMain(rest);
       case undefined:
       case "-h":
       case "--help":
