@@ -5,7 +5,10 @@
 #   docker/qemu-root.sh setup          build the root once (root only, ~80 s), cached
 #   docker/qemu-root.sh path           print the root's path
 #   docker/qemu-root.sh exec CMD ...   run CMD inside the root, with /proc and /dev
-#                                      mounted in a private mount namespace
+#                                      mounted in a private mount namespace; as a
+#                                      user other than root, inside a user namespace
+#                                      that maps that user to root (needs unprivileged
+#                                      user namespaces, which Debian allows)
 #
 # The root lives in $VFIO_USER_QEMU_ROOT (default /var/cache/vfio-user-ts/qemu-root).
 # Paths under the root's /tmp are visible inside at the same path minus the
@@ -46,7 +49,8 @@ case "${1:-}" in
   exec)
     shift
     [ -f "$STAMP" ] || { echo "qemu-root: not set up; run: $0 setup" >&2; exit 1; }
-    exec unshare -m sh -c 'mount --bind /proc "$0/proc" && mount --rbind /dev "$0/dev" && exec chroot "$0" "$@"' "$ROOT" "$@"
+    if [ "$(id -u)" = 0 ]; then ns=-m; else ns=-rm; fi
+    exec unshare $ns sh -c 'mount --bind /proc "$0/proc" && mount --rbind /dev "$0/dev" && exec chroot "$0" "$@"' "$ROOT" "$@"
     ;;
   *) echo "usage: $0 setup|path|exec CMD..." >&2; exit 2 ;;
 esac

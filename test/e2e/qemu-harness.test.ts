@@ -9,8 +9,9 @@ import { createServer, connect, type Server, type Socket } from "node:net";
 import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { describeQemu, findProcesses, startQemu, type QemuInstance } from "./harness/qemu.ts";
-import { makeSharedDir, qemuAvailable, toGuestPath, type SharedDir } from "./harness/shared-dir.ts";
+import { describeQemu } from "./harness/describe-qemu.ts";
+import { findProcesses, startQemu, type QemuInstance } from "./harness/qemu.ts";
+import { makeSharedDir, qemuAvailable, qemuMode, toGuestPath, type SharedDir } from "./harness/shared-dir.ts";
 import { Qtest, QtestError } from "./harness/qtest.ts";
 import { QmpError } from "./harness/qmp.ts";
 import * as pci from "./harness/pci.ts";
@@ -42,11 +43,16 @@ describeQemu("QEMU harness: bare q35 machine with memfd RAM", () => {
     dir?.cleanup();
   });
 
-  it("shares the directory between host and chroot", () => {
-    expect(dir.host.endsWith(dir.guest)).toBe(true);
-    expect(dir.guest).toMatch(/^\/tmp\/vfu-/);
+  it("shares the directory between host and QEMU (chroot: same inode, path minus the root; native: same path)", () => {
     expect(toGuestPath(join(dir.host, "x.sock"))).toBe(`${dir.guest}/x.sock`);
-    expect(() => toGuestPath("/etc/passwd")).toThrow(/outside the QEMU root/);
+    if (qemuMode() === "chroot") {
+      expect(dir.host.endsWith(dir.guest)).toBe(true);
+      expect(dir.guest).toMatch(/^\/tmp\/vfu-/);
+      expect(() => toGuestPath("/etc/passwd")).toThrow(/outside the QEMU root/);
+    } else {
+      expect(dir.guest).toBe(dir.host);
+      expect(toGuestPath("/etc/passwd")).toBe("/etc/passwd");
+    }
     expect(q.args).toContain("memory-backend=mem");
   });
 

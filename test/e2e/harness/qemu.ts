@@ -1,6 +1,8 @@
 /**
- * Start QEMU 11.1.3 (inside the Debian trixie root, see docker/qemu-root.sh)
- * as a q35 machine with accel=qtest, so a test drives it as the guest CPU.
+ * Start QEMU 11.1.3 (inside the Debian trixie root, see docker/qemu-root.sh,
+ * or natively, see shared-dir.ts) as a q35 machine with accel=qtest, so a
+ * test drives it as the guest CPU. No vitest here: docker/demo-qemu.ts uses
+ * it too (`describeQemu` lives in describe-qemu.ts).
  *
  * Sockets: both `-qtest unix:P` and `-qmp unix:P` are chardevs in *client*
  * mode, so QEMU connects to sockets the test listens on (as libqtest does);
@@ -12,7 +14,8 @@
  *
  * Process tree: `sh qemu-root.sh exec` execs `unshare -m`, which execs `sh
  * -c 'mount...; exec chroot'`, which execs QEMU: the spawned pid *is* QEMU
- * once it runs, with no intermediate processes left. QEMU also gets
+ * once it runs, with no intermediate processes left (natively it is QEMU
+ * from the start). QEMU also gets
  * `-run-with exit-with-parent=on` so it dies with the test process even if
  * stop() is never reached; a process 'exit' hook SIGKILLs any left running.
  */
@@ -20,10 +23,9 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { createServer, type Server, type Socket } from "node:net";
 import { readdirSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
-import { describe, it } from "vitest";
 import { Qtest } from "./qtest.ts";
 import { Qmp } from "./qmp.ts";
-import { QEMU_ROOT_SCRIPT, qemuAvailable, toGuestPath, type SharedDir } from "./shared-dir.ts";
+import { qemuLauncher, toGuestPath, type SharedDir } from "./shared-dir.ts";
 
 export interface StartQemuOptions {
   dir: SharedDir;
@@ -34,7 +36,7 @@ export interface StartQemuOptions {
    * fd; with false the RAM is anonymous and a server must use DMA_READ/WRITE.
    */
   memfd?: boolean;
-  /** Host path of the vfio-user server socket (inside the QEMU root); adds a vfio-user-pci device. */
+  /** Host path of the vfio-user server socket (where QEMU can reach it, e.g. in `dir`); adds a vfio-user-pci device. */
   vfioUserSocket?: string;
   /** Set `x-no-posted-writes=true` on the device (exact ordering of BAR writes and interrupts). */
   noPostedWrites?: boolean;
@@ -168,7 +170,8 @@ export async function startQemu(opts: StartQemuOptions): Promise<QemuInstance> {
 
   installExitHook();
   const t0 = performance.now();
-  const proc = spawn("sh", [QEMU_ROOT_SCRIPT, "exec", "qemu-system-x86_64", ...args], {
+  const launcher = qemuLauncher();
+  const proc = spawn(launcher.file, [...launcher.args, ...args], {
     stdio: ["ignore", "pipe", "pipe"],
   });
   live.add(proc);
@@ -297,29 +300,6 @@ function listenOnce(path: string, servers: Server[], sockets: Socket[]): { liste
 
 function shellQuote(s: string): string {
   return /^[\w@%+=:,./-]+$/.test(s) ? s : `'${s.replace(/'/g, `'\\''`)}'`;
-}
-
-/**
- * `describe` for suites that need QEMU. When QEMU is unavailable the suite
- * is skipped with the reason logged, unless `VFIO_USER_REQUIRE_QEMU=1`, in
- * which case it fails with the reason.
- */
-export function describeQemu(name: string, fn: () => void): void {
-  const avail = qemuAvailable();
-  if (avail.ok) {
-    describe(name, fn);
-    return;
-  }
-  if (process.env.VFIO_USER_REQUIRE_QEMU === "1") {
-    describe(name, () => {
-      it("QEMU is available (VFIO_USER_REQUIRE_QEMU=1)", () => {
-        throw new Error(`QEMU is required but not available: ${avail.why}`);
-      });
-    });
-    return;
-  }
-  console.warn(`[e2e] skipping "${name}": QEMU not available: ${avail.why} (set VFIO_USER_REQUIRE_QEMU=1 to make this a failure)`);
-  describe.skip(name, fn);
 }
 
 /**
