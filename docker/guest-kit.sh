@@ -50,8 +50,11 @@ mode() {
 MODE=$(mode)
 if [ "$MODE" = chroot ]; then
   # the kit as seen inside the root, and from here
-  INNER=${VFIO_USER_GUEST_KIT:+${VFIO_USER_GUEST_KIT#"$ROOT"}}
-  INNER=${INNER:-/opt/guest-kit}
+  case "${VFIO_USER_GUEST_KIT:-}" in
+    "") INNER=/opt/guest-kit ;;
+    "$ROOT"/*) INNER=${VFIO_USER_GUEST_KIT#"$ROOT"} ;;
+    *) echo "guest-kit: VFIO_USER_GUEST_KIT=$VFIO_USER_GUEST_KIT is outside the QEMU root $ROOT" >&2; exit 2 ;;
+  esac
   KIT=$ROOT$INNER
 else
   KIT=${VFIO_USER_GUEST_KIT:-/var/cache/vfio-user-ts/guest-kit}
@@ -103,6 +106,10 @@ for m in uio uio_pci_generic; do
   esac
 done
 (cd base && find . -mindepth 1 | sort | "../$bb" cpio -o -H newc -R 0:0 2>/dev/null) | gzip -9n > initramfs-base.cpio.gz
+listing=$("$bb" zcat initramfs-base.cpio.gz | "$bb" cpio -t 2>/dev/null)
+for f in bin/busybox bin/sh lib/modules/uio.ko lib/modules/uio_pci_generic.ko; do
+  echo "$listing" | grep -qx "$f" || { echo "guest-kit: $f missing from initramfs-base.cpio.gz" >&2; exit 1; }
+done
 bbver=$("$bb" 2>&1 | head -n 1 | sed "s/ multi-call.*//")
 printf "linux %s (%s), %s\n" "$kver" "${img#linux-image-}" "$bbver" > .ready.new
 rm -rf debs x base

@@ -8,6 +8,7 @@ export npm_config_nodedir=${npm_config_nodedir:-/usr}
 export VFIO_USER_REQUIRE_QEMU=${VFIO_USER_REQUIRE_QEMU:-1}
 if [ "$(id -u)" = 0 ]; then
   bash docker/qemu-root.sh setup || { echo "QEMU root setup failed"; exit 1; }
+  sh docker/guest-kit.sh setup || echo "guest kit setup failed: test/e2e/linux-guest.test.ts will fail"
 fi
 npx tsc -p tsconfig.json --noEmit || { echo "typecheck failed"; echo "0 passed, 1 failed"; exit 1; }
 mkdir -p test-results
