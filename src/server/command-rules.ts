@@ -26,3 +26,17 @@ export function commandAllowed(command: number, versionDone: boolean, migState: 
       return null;
   }
 }
+
+/**
+ * The commands that carry fds (spec: DMA_MAP "the file descriptor ... is
+ * passed with the message"; SET_IRQS with DATA_EVENTFD). A message of any
+ * other command that brings fds is malformed: it is refused with EINVAL (the
+ * connection closes the fds), so a client that leaks fds into the wrong
+ * messages learns of it instead of having them silently dropped.
+ */
+const FD_COMMANDS: ReadonlySet<number> = new Set([Command.DMA_MAP, Command.DEVICE_SET_IRQS]);
+
+export function fdsAllowed(command: number, fdCount: number): VfioUserError | null {
+  if (fdCount === 0 || FD_COMMANDS.has(command)) return null;
+  return fail.inval(`${fdCount} fd(s) with a command that takes none`);
+}

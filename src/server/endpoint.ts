@@ -143,5 +143,18 @@ export class Endpoint {
     this.stopDirtyLog();
     this.dmaTable.removeAll();
     this.irq.releaseAll();
+    // A migration dies with the client that drove it (VFIO returns a closed
+    // device to RUNNING). Left alone, a client gone in STOP_COPY or RESUMING
+    // left the device stopped for the next client, which (like QEMU) assumes
+    // RUNNING on attach (robustness suite, lifecycle: "in the middle of
+    // PRE_COPY/STOP_COPY/RESUMING"). The device's own state is kept: no
+    // device reset, a half-written resume stream is dropped unapplied.
+    // ERROR stays: that needs a DEVICE_RESET from the next client.
+    const mig = this.migration.state;
+    if (mig !== MigState.RUNNING && mig !== MigState.ERROR) {
+      this.log.info({ state: mig }, "client left mid-migration; back to RUNNING");
+      this.migration.reset();
+      this.setRunning(true);
+    }
   }
 }

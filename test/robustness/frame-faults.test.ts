@@ -1,0 +1,257 @@
+/**
+ * Frame-level faults close only the offending connection: the server goes
+ * on, the next client connects and finds the device as it was left (a
+ * register written before the fault reads back). Fds that came with the
+ * offending bytes are closed. A reply-type frame nobody asked for is not a
+ * fault: it is logged and dropped. One client at a time: a second
+ * concurrent client is closed at once and the first one keeps working.
+ */
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
+import { Command, HEADER_SIZE, HeaderFlags, RegionIndex, encodeRegionReadRequest } from "../../protocol/index.ts";
+import { native } from "../../src/transport/native.ts";
+import {
+  RawClient,
+  eventually,
+  fdTargets,
+  frameBytes,
+  le,
+  memfd,
+  sleep,
+  startInProcessServer,
+  versionBody,
+  type InProcessServer,
+} from "./raw-client.ts";
+
+const VENDOR = 0x1234;
+const DMA_SRC = 0x80n; // an edu register that reads back what was written
+let srv: InProcessServer;
+let serial = 0;
+let marker = 0n;
+
+beforeAll(() => {
+  srv = startInProcessServer({ logLevel: "debug" });
+});
+afterAll(() => srv?.stop());
+
+/** Leaves a fresh marker in the device before each fault. */
+beforeEach(async () => {
+  await waitNoClient();
+  const c = await RawClient.ready(srv.socketPath);
+  marker = 0x1000n + BigInt(++serial);
+  await c.write(RegionIndex.BAR0, DMA_SRC, le().u64(marker).buf);
+  c.close();
+  await c.waitClosed();
+  await waitNoClient();
+});
+
+async function waitNoClient(): Promise<void> {
+  expect(await eventually(() => srv.server.connection === null, 2000), "the previous client is gone").toBe(true);
+}
+
+/** After a fault: a new client works and the device kept its state. */
+async function expectServerFine(): Promise<void> {
+  await waitNoClient();
+  const c = await RawClient.ready(srv.socketPath);
+  try {
+    expect(await c.vendorId()).toBe(VENDOR);
+    expect((await c.read(RegionIndex.BAR0, DMA_SRC, 8)).readBigUInt64LE(0)).toBe(marker);
+  } finally {
+    c.close();
+    await c.waitClosed();
+  }
+}
+
+function memfdNamed(): { fd: number; name: string } {
+  const name = `robust-frame-${process.pid}-${++serial}`;
+  return { fd: memfd(name, 4096n), name };
+}
+
+function serverHolds(name: string): boolean {
+  return fdTargets("self").some((t) => t.includes(`memfd:${name} `));
+}
+
+const header = (o: { msgId?: number; command: number; size: number; flags?: number; error?: number }): Buffer =>
+  frameBytes({ msgId: o.msgId ?? 1, command: o.command, size: o.size, flags: o.flags ?? HeaderFlags.TYPE_COMMAND, error: o.error ?? 0 });
+
+interface Fault {
+  name: string;
+  /** Before VERSION or after it. */
+  afterVersion: boolean;
+  bytes: Buffer;
+  withFd?: boolean;
+  /** A command in front of the fault that is answered before the close. */
+  answered?: number;
+}
+
+const faults: Fault[] = [
+  { name: "size 0", afterVersion: true, bytes: header({ command: Command.REGION_READ, size: 0 }) },
+  { name: "size 15 (< header)", afterVersion: true, bytes: header({ command: Command.REGION_READ, size: 15 }) },
+  { name: "size 8 before VERSION", afterVersion: false, bytes: header({ command: Command.VERSION, size: 8 }) },
+  { name: "size 2^32-1", afterVersion: true, bytes: header({ command: Command.REGION_WRITE, size: 0xffffffff }) },
+  { name: "size 2 GiB before VERSION (nothing allocated)", afterVersion: false, bytes: header({ command: Command.VERSION, size: 2 ** 31 }) },
+  { name: "size above the negotiated maximum (4096 + 64 KiB)", afterVersion: true, bytes: header({ command: Command.REGION_WRITE, size: 16 + 65536 + 1 }) },
+  { name: "unknown command 0", afterVersion: true, bytes: header({ command: 0, size: 16 }) },
+  { name: "unknown command 14 (the gap)", afterVersion: true, bytes: header({ command: 14, size: 16 }) },
+  { name: "unknown command 20", afterVersion: true, bytes: header({ command: 20, size: 16 }) },
+  { name: "unknown command 0xffff before VERSION", afterVersion: false, bytes: header({ command: 0xffff, size: 16 }) },
+  { name: "message type 2", afterVersion: true, bytes: header({ command: Command.REGION_READ, size: 32, flags: 2 }) },
+  { name: "message type 15 with Error", afterVersion: true, bytes: header({ command: Command.REGION_READ, size: 16, flags: 0xf | HeaderFlags.ERROR }) },
+  { name: "bad size with an fd on the same bytes (fd closed)", afterVersion: true, bytes: header({ command: Command.DMA_MAP, size: 4 }), withFd: true },
+  {
+    name: "a good command then garbage in the same chunk",
+    afterVersion: true,
+    bytes: Buffer.concat([frameBytes({ msgId: 0x77, command: Command.REGION_READ, flags: 0, error: 0 }, encodeRegionReadRequest({ region: RegionIndex.CONFIG, offset: 0n, count: 2 })), header({ command: 99, size: 16 })]),
+    answered: 0x77,
+  },
+];
+
+describe("frame-level faults close only the offending connection", () => {
+  for (const f of faults) {
+    it(f.name, async () => {
+      const c = f.afterVersion
+        ? await RawClient.ready(srv.socketPath, { capabilities: { max_data_xfer_size: 4096 } })
+        : RawClient.connect(srv.socketPath);
+      const m = f.withFd ? memfdNamed() : null;
+      const rssBefore = process.memoryUsage().arrayBuffers;
+      c.sendRaw(f.bytes, m ? [m.fd] : undefined);
+      if (m) native.close(m.fd);
+      await c.waitClosed(3000);
+      if (f.answered !== undefined) expect(c.hasReply(f.answered)).toBe(true);
+      expect(process.memoryUsage().arrayBuffers - rssBefore).toBeLessThan(32 << 20);
+      if (m) expect(serverHolds(m.name), "server kept the fd of the bad frame").toBe(false);
+      expect(srv.logs.some((l) => l.msg === "bad frame; closing the connection")).toBe(true);
+      await expectServerFine();
+    });
+  }
+
+  it("a bad header split across two sends", async () => {
+    const c = await RawClient.ready(srv.socketPath);
+    const bad = header({ command: 77, size: 16 });
+    c.sendRaw(bad.subarray(0, 5));
+    await sleep(20);
+    expect(c.closed).toBe(false);
+    c.sendRaw(bad.subarray(5));
+    await c.waitClosed(3000);
+    await expectServerFine();
+  });
+
+  it("truncated frame then EOF: the server drops the connection and goes on", async () => {
+    const c = await RawClient.ready(srv.socketPath);
+    const req = frameBytes({ msgId: 3, command: Command.REGION_WRITE, flags: 0, error: 0 }, le().u64(DMA_SRC).u32(0).u32(8).u64(0xdeadn).buf);
+    c.sendRaw(req.subarray(0, req.length - 3)); // the last 3 data bytes never come
+    await sleep(20);
+    c.close();
+    await expectServerFine(); // and the half-sent write was not applied
+  });
+
+  it("truncated header then EOF", async () => {
+    const c = await RawClient.ready(srv.socketPath);
+    c.sendRaw(Buffer.alloc(7));
+    await sleep(20);
+    c.close();
+    await expectServerFine();
+  });
+
+  // BUG (src/server/connection.ts, not ours to edit): fds that arrive with the
+  // bytes of a frame that never completes wait in the FrameDecoder
+  // (#pendingFds); on EOF onTransportClose() closes the queued frames' fds but
+  // never calls decoder.close(), so these fds stay open in the server for
+  // good. Expected: onTransportClose() closes what decoder.close() returns.
+  it.fails("truncated frame carrying an fd, then EOF: the fd is closed [BUG: connection.ts leaks the decoder's pending fds]", async () => {
+    const c = await RawClient.ready(srv.socketPath);
+    const m = memfdNamed();
+    const req = frameBytes({ msgId: 3, command: Command.DMA_MAP, flags: 0, error: 0 }, le().u32(32).u32(3).u64(0).u64(0x100000).u64(4096).buf);
+    c.sendRaw(req.subarray(0, 20), [m.fd]); // header + 4 bytes, with the fd
+    native.close(m.fd);
+    await sleep(20);
+    c.close();
+    await waitNoClient();
+    const leaked = serverHolds(m.name);
+    await expectServerFine();
+    expect(leaked, "server still holds the fd of the truncated frame").toBe(false);
+  });
+
+  // Same bug, other path: fds that came with a partial header are still in
+  // the decoder when the completed header turns out bad; onData() closes only
+  // the fds of the chunk that failed.
+  it.fails("fds with a partial header, then a bad rest of the header: the fds are closed [BUG: connection.ts leaks the decoder's pending fds]", async () => {
+    const c = await RawClient.ready(srv.socketPath);
+    const m = memfdNamed();
+    const bad = header({ command: 77, size: 16 });
+    c.sendRaw(bad.subarray(0, 6), [m.fd]);
+    native.close(m.fd);
+    await sleep(20);
+    c.sendRaw(bad.subarray(6));
+    await c.waitClosed(3000);
+    await waitNoClient();
+    const leaked = serverHolds(m.name);
+    await expectServerFine();
+    expect(leaked, "server still holds the fd sent with the partial header").toBe(false);
+  });
+});
+
+describe("replies nobody asked for are dropped, not fatal", () => {
+  it("a reply-type frame with an unknown msgId is logged and ignored; its fds are closed", async () => {
+    const c = await RawClient.ready(srv.socketPath);
+    const m = memfdNamed();
+    const before = srv.logs.length;
+    c.sendRaw(frameBytes({ msgId: 0x4242, command: Command.DMA_READ, flags: HeaderFlags.TYPE_REPLY, error: 0 }, le().u64(0).u64(4).u32(0).buf), [m.fd]);
+    native.close(m.fd);
+    c.sendRaw(frameBytes({ msgId: 0x4343, command: Command.REGION_READ, flags: HeaderFlags.TYPE_REPLY | HeaderFlags.ERROR, error: 5 }));
+    c.sendRaw(frameBytes({ msgId: 0x4444, command: Command.DMA_WRITE, flags: HeaderFlags.TYPE_REPLY, error: 0 }, Buffer.alloc(60000)));
+    expect(await c.vendorId()).toBe(VENDOR);
+    expect(c.closed).toBe(false);
+    expect(serverHolds(m.name)).toBe(false);
+    const ignored = srv.logs.slice(before).filter((l) => l.msg === "reply to no request of ours; ignored");
+    expect(ignored.map((l) => l.msgId)).toEqual([0x4242, 0x4343, 0x4444]);
+    c.close();
+    await c.waitClosed();
+    await expectServerFine();
+  });
+});
+
+describe("one client at a time", () => {
+  it("a second concurrent client is closed at once (its fds too); the first keeps working", async () => {
+    const first = await RawClient.ready(srv.socketPath);
+    const second = RawClient.connect(srv.socketPath);
+    const m = memfdNamed();
+    second.send(Command.VERSION, versionBody(), { fds: [m.fd] });
+    native.close(m.fd);
+    await second.waitClosed(3000);
+    expect(second.pendingReplies).toBe(0);
+    expect(await eventually(() => !serverHolds(m.name), 1000)).toBe(true);
+    expect(srv.logs.some((l) => l.msg === "refused a second client: one client at a time")).toBe(true);
+    expect(await first.vendorId()).toBe(VENDOR);
+    // many at once
+    const others = Array.from({ length: 8 }, () => RawClient.connect(srv.socketPath));
+    await Promise.all(others.map((o) => o.waitClosed(3000)));
+    expect(await first.vendorId()).toBe(VENDOR);
+    expect((await first.read(RegionIndex.BAR0, DMA_SRC, 8)).readBigUInt64LE(0)).toBe(marker);
+    first.close();
+    await first.waitClosed();
+    await expectServerFine();
+  });
+
+  it("after the first client leaves, the next one is served", async () => {
+    const a = await RawClient.ready(srv.socketPath);
+    a.close();
+    await a.waitClosed();
+    await waitNoClient();
+    const b = await RawClient.ready(srv.socketPath);
+    expect(await b.vendorId()).toBe(VENDOR);
+    b.close();
+    await b.waitClosed();
+  });
+});
+
+describe("a reply-sized read of config space still works after all of it", () => {
+  it("REGION_READ of the whole config space", async () => {
+    await waitNoClient();
+    const c = await RawClient.ready(srv.socketPath);
+    const r = await c.request(Command.REGION_READ, encodeRegionReadRequest({ region: RegionIndex.CONFIG, offset: 0n, count: 256 }));
+    expect(r.header.error).toBe(0);
+    expect(r.body.length).toBe(HEADER_SIZE + 256);
+    c.close();
+    await c.waitClosed();
+  });
+});
