@@ -62,6 +62,8 @@ function powerOn(): EduState {
 
 /** u32 factorial with wrap-around, as the C device computes it. */
 export function eduFactorial(n: number): number {
+  // 34! has 2^32 as a factor, so every n >= 34 gives 0: no loop of 2^32 steps
+  if (n >= 34) return 0;
   let r = 1;
   for (let i = n; i > 1; i--) r = Math.imul(r, i) >>> 0;
   return r >>> 0;
