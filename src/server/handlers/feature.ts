@@ -102,9 +102,9 @@ export async function handleDeviceFeature(req: Request): Promise<Reply> {
       if (!isPowerOfTwo(r.page_size) || r.page_size < MIN_LOG_PAGE) throw fail.inval(`report page size ${r.page_size} is not a power of two >= 4096`);
       const bitmapBytes = ((r.length / r.page_size + 63n) / 64n) * 8n;
       const argsz = BigInt(FIXED + f.data.length) + bitmapBytes;
-      if (argsz > BigInt(f.argsz) || argsz > BigInt(req.session.maxDataXferSize) + 64n) {
-        if (argsz > BigInt(req.session.maxDataXferSize) + 64n) throw fail.toobig(`a ${bitmapBytes}-byte bitmap exceeds max_data_xfer_size`);
-        // spec: no room: report the size needed, change nothing
+      if (bitmapBytes > BigInt(req.session.maxDataXferSize)) throw fail.toobig(`a ${bitmapBytes}-byte bitmap exceeds max_data_xfer_size`);
+      if (argsz > BigInt(f.argsz)) {
+        // spec: no room: report the size needed, change nothing (the log is not cleared)
         return { parts: encodeDeviceFeatureParts({ argsz: Number(argsz), flags: f.flags, data: f.data }) };
       }
       const bitmap = log.report(r.iova, r.length, r.page_size);
