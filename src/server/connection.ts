@@ -22,6 +22,14 @@ import type { Endpoint } from "./endpoint.ts";
 import { commandAllowed } from "./command-rules.ts";
 import type { Session } from "./session.ts";
 
+/**
+ * Replies up to this size are assembled in one reusable buffer and sent as a
+ * single iovec: no allocation, and the addon never touches small on-heap
+ * Buffers (which V8 would have to move off-heap first). Larger replies go
+ * out as [header, ...parts] without copying the parts.
+ */
+const REPLY_COPY_MAX = 4096;
+
 interface Pending {
   command: number;
   resolve(frame: Frame): void;
@@ -52,6 +60,12 @@ export class Connection implements SocketDma {
   private nextMsgId = 0;
   private readonly log: Logger;
   private readonly trace: boolean;
+  /** Small replies are assembled here (the transport copies what it cannot send at once). */
+  private readonly replyBuf = Buffer.allocUnsafeSlow(REPLY_COPY_MAX);
+  /** replyViews[n]: replyBuf[0, n), made once per size. */
+  private readonly replyViews: Buffer[] = [];
+  private readonly sendList: Buffer[] = [this.replyBuf];
+  private readonly replyView = viewOf(this.replyBuf);
 
   constructor(private readonly opts: ConnectionOptions) {
     this.log = opts.log;
@@ -102,33 +116,43 @@ export class Connection implements SocketDma {
       return;
     }
     if (this.trace) this.log.info({ msgId: h.msgId, cmd: COMMAND_NAMES[h.command], size: h.size, fds: frame.fds.length }, "recv");
+    if (!this.busy && this.queue.length === 0 && !this.closed) {
+      // the common case: nothing waiting, so run it now (what pump() would do, minus the queue)
+      this.run(frame);
+      return;
+    }
     this.queue.push(frame);
     if (!this.busy) this.pump();
+  }
+
+  /** Dispatches one frame; an async handler holds the queue until it is done. Returns false if it went async. */
+  private run(frame: Frame): boolean {
+    let result: Reply | Promise<Reply>;
+    try {
+      result = this.dispatch(frame);
+    } catch (err) {
+      this.finish(frame, null, err);
+      return true;
+    }
+    if (result instanceof Promise) {
+      this.busy = true;
+      result.then(
+        (r) => this.finish(frame, r, null),
+        (err) => this.finish(frame, null, err),
+      ).finally(() => {
+        this.busy = false;
+        this.pump();
+      });
+      return false;
+    }
+    this.finish(frame, result, null);
+    return true;
   }
 
   /** Commands run strictly in arrival order; an async handler holds the queue until it is done. */
   private pump(): void {
     while (!this.busy && this.queue.length > 0 && !this.closed) {
-      const frame = this.queue.shift()!;
-      let result: Reply | Promise<Reply>;
-      try {
-        result = this.dispatch(frame);
-      } catch (err) {
-        this.finish(frame, null, err);
-        continue;
-      }
-      if (result instanceof Promise) {
-        this.busy = true;
-        result.then(
-          (r) => this.finish(frame, r, null),
-          (err) => this.finish(frame, null, err),
-        ).finally(() => {
-          this.busy = false;
-          this.pump();
-        });
-        return;
-      }
-      this.finish(frame, result, null);
+      if (!this.run(this.queue.shift()!)) return;
     }
   }
 
@@ -156,8 +180,10 @@ export class Connection implements SocketDma {
 
   private finish(frame: Frame, result: Reply | null, err: unknown): void {
     // fds the handler did not take are ours to close
-    for (const fd of frame.fds) this.opts.closeFd(fd);
-    frame.fds.length = 0;
+    if (frame.fds.length > 0) {
+      for (const fd of frame.fds) this.opts.closeFd(fd);
+      frame.fds.length = 0;
+    }
     const h = frame.header;
     const noReply = (h.flags & HeaderFlags.NO_REPLY) !== 0;
     if (err !== null) {
@@ -182,11 +208,26 @@ export class Connection implements SocketDma {
   /** The one place messages are framed. */
   private send(h: Header, parts: readonly Uint8Array[], fds?: readonly number[]): void {
     let size = HEADER_SIZE;
-    for (const p of parts) size += p.length;
+    for (let i = 0; i < parts.length; i++) size += parts[i]!.length;
     h.size = size;
+    if (this.trace) this.log.info({ msgId: h.msgId, cmd: COMMAND_NAMES[h.command], size, errno: h.error || undefined }, "send");
+    if (size <= REPLY_COPY_MAX) {
+      // one buffer, reused: header and parts copied in, sent as one iovec
+      const buf = this.replyBuf;
+      writeHeader(this.replyView, 0, h);
+      let at = HEADER_SIZE;
+      for (let i = 0; i < parts.length; i++) {
+        const p = parts[i]!;
+        buf.set(p, at);
+        at += p.length;
+      }
+      const list = this.sendList;
+      list[0] = this.replyViews[size] ??= buf.subarray(0, size);
+      this.opts.transport.send(list, fds);
+      return;
+    }
     const head = Buffer.allocUnsafe(HEADER_SIZE);
     writeHeader(viewOf(head), 0, h);
-    if (this.trace) this.log.info({ msgId: h.msgId, cmd: COMMAND_NAMES[h.command], size, errno: h.error || undefined }, "send");
     this.opts.transport.send([head, ...parts], fds);
   }
 

@@ -21,7 +21,10 @@ export interface Transport {
   /**
    * Send bytes (several buffers form one message, sent as one sendmsg where
    * possible) with fds attached to the first byte. Never throws for a full
-   * socket: the rest is queued and flushed when writable.
+   * socket: the rest is queued and flushed when writable. Neither the
+   * buffers nor the array are retained (what is queued is a copy): the
+   * caller may reuse them as soon as send returns; the server's connection
+   * assembles every small reply in one reused buffer.
    */
   send(buffers: readonly Uint8Array[], fds?: readonly number[]): void;
   /** Close the connection; `close` handler fires once. Queued bytes are dropped. */

@@ -143,6 +143,21 @@ static int arg_sockaddr(napi_env env, napi_value v, struct sockaddr_un *addr) {
 /* ------------------------------------------------------------------------ */
 /* Sockets                                                                   */
 
+/* Send buffer asked for on every connected socket. For AF_UNIX stream
+ * sockets the sender's buffer bounds the bytes in flight, and the default
+ * (net.core.wmem_default, ~208 KiB) splits a 1 MiB reply (the default
+ * max_data_xfer_size) into five sendmsg calls, each after a poll wake-up
+ * once the peer has read some, and the unsent rest is copied into the queue.
+ * The kernel doubles the value (1.5 MiB: one such reply goes out in one
+ * sendmsg) after capping it at net.core.wmem_max (then the default's double
+ * at least). Failure is harmless, so it is ignored. */
+#define SOCKET_SNDBUF (768 << 10)
+
+static void tune_socket(int fd) {
+  int sz = SOCKET_SNDBUF;
+  (void)setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sz, sizeof(sz));
+}
+
 /* listen(path, backlog, mode?) -> fd | -errno
  * socket + bind + [chmod(path, mode)] + listen. The chmod happens between
  * bind and listen, so nobody can connect before the mode is applied. When
@@ -183,6 +198,7 @@ static napi_value js_accept(napi_env env, napi_callback_info info) {
   do {
     fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
   } while (fd < 0 && (errno == EINTR || errno == ECONNABORTED));
+  if (fd >= 0) tune_socket(fd);
   return ret_i32(env, fd < 0 ? -errno : fd);
 }
 
@@ -226,6 +242,7 @@ static napi_value js_connect(napi_env env, napi_callback_info info) {
       return ret_i32(env, -e);
     }
   }
+  tune_socket(fd);
   if (!nonblocking) {
     int fl = fcntl(fd, F_GETFL);
     if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
