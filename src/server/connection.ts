@@ -7,7 +7,7 @@
 import type { Logger } from "pino";
 import { COMMAND_NAMES, Command, HEADER_SIZE, HeaderFlags } from "../../protocol/constants.ts";
 import { VfioUserError, errnoOf, fail } from "../../protocol/errors.ts";
-import { FrameDecoder, maxFrameSizeFor, type Frame } from "../../protocol/frame.ts";
+import { FrameDecoder, FrameError, maxFrameSizeFor, type Frame } from "../../protocol/frame.ts";
 import { writeHeader, type Header } from "../../protocol/header.ts";
 import { viewOf } from "../../protocol/wire.ts";
 import {
@@ -20,6 +20,7 @@ import type { Transport } from "../transport/types.ts";
 import type { HandlerTable, Reply, Request } from "./dispatcher.ts";
 import type { Endpoint } from "./endpoint.ts";
 import { commandAllowed } from "./command-rules.ts";
+import { LogLimiter } from "./log-limiter.ts";
 import type { Session } from "./session.ts";
 
 /**
@@ -60,6 +61,9 @@ export class Connection implements SocketDma {
   private nextMsgId = 0;
   private readonly log: Logger;
   private readonly trace: boolean;
+  /** A client can provoke refusals at will: their log lines are rate limited. */
+  private readonly limiter = new LogLimiter();
+  private readonly logLimitedFn = this.logLimited.bind(this);
   /** Small replies are assembled here (the transport copies what it cannot send at once). */
   private readonly replyBuf = Buffer.allocUnsafeSlow(REPLY_COPY_MAX);
   /** replyViews[n]: replyBuf[0, n), made once per size. */
@@ -85,6 +89,7 @@ export class Connection implements SocketDma {
     this.opts.transport.start({
       data: (chunk, fds) => this.onData(chunk, fds),
       close: (err) => this.onTransportClose(err),
+      drain: () => this.pump(),
     });
   }
 
@@ -103,8 +108,13 @@ export class Connection implements SocketDma {
       this.decoder.push(chunk, fds);
     } catch (err) {
       // spec-level framing fault: this connection cannot be trusted to resynchronise
-      this.log.error({ err: (err as Error).message }, "bad frame; closing the connection");
-      for (const fd of fds) this.opts.closeFd(fd);
+      const h = err instanceof FrameError ? err.header : undefined;
+      this.log.error(
+        { err: (err as Error).message, msgId: h?.msgId, cmd: h ? (COMMAND_NAMES[h.command] ?? h.command) : undefined, size: h?.size },
+        "bad frame; closing the connection",
+      );
+      // the failing chunk's fds and any that came with the unfinished frame stay with the decoder
+      for (const fd of this.decoder.close()) this.opts.closeFd(fd);
       this.opts.transport.close();
     }
   }
@@ -116,7 +126,7 @@ export class Connection implements SocketDma {
       return;
     }
     if (this.trace) this.log.info({ msgId: h.msgId, cmd: COMMAND_NAMES[h.command], size: h.size, fds: frame.fds.length }, "recv");
-    if (!this.busy && this.queue.length === 0 && !this.closed) {
+    if (!this.busy && this.queue.length === 0 && !this.closed && !this.opts.transport.congested) {
       // the common case: nothing waiting, so run it now (what pump() would do, minus the queue)
       this.run(frame);
       return;
@@ -151,7 +161,8 @@ export class Connection implements SocketDma {
 
   /** Commands run strictly in arrival order; an async handler holds the queue until it is done. */
   private pump(): void {
-    while (!this.busy && this.queue.length > 0 && !this.closed) {
+    // a client that does not read its replies gets no more until it does (back-pressure)
+    while (!this.busy && this.queue.length > 0 && !this.closed && !this.opts.transport.congested) {
       if (!this.run(this.queue.shift()!)) return;
     }
   }
@@ -174,6 +185,7 @@ export class Connection implements SocketDma {
       endpoint: this.opts.endpoint,
       log: this.log,
       socketDma: this,
+      logLimited: this.logLimitedFn,
     };
     return handler(req);
   }
@@ -189,9 +201,11 @@ export class Connection implements SocketDma {
     if (err !== null) {
       const errno = errnoOf(err);
       if (!(err instanceof VfioUserError)) {
-        this.log.error({ err, msgId: h.msgId, cmd: COMMAND_NAMES[h.command] }, "handler failed unexpectedly");
+        this.logLimited("error", { err, msgId: h.msgId, cmd: COMMAND_NAMES[h.command] }, "handler failed unexpectedly");
       } else {
-        this.log.debug({ msgId: h.msgId, cmd: COMMAND_NAMES[h.command], errno, reason: err.message }, "request refused");
+        if (this.log.isLevelEnabled("debug")) {
+          this.logLimited("debug", { msgId: h.msgId, cmd: COMMAND_NAMES[h.command], errno, reason: err.message }, "request refused");
+        }
       }
       if (!noReply) this.sendError(h, errno);
       return;
@@ -237,7 +251,7 @@ export class Connection implements SocketDma {
     const p = this.pending.get(frame.header.msgId);
     for (const fd of frame.fds) this.opts.closeFd(fd); // spec: no fds expected in DMA replies
     if (!p || p.command !== frame.header.command) {
-      this.log.warn({ msgId: frame.header.msgId, cmd: COMMAND_NAMES[frame.header.command] }, "reply to no request of ours; ignored");
+      this.logLimited("warn", { msgId: frame.header.msgId, cmd: COMMAND_NAMES[frame.header.command] }, "reply to no request of ours; ignored");
       return;
     }
     this.pending.delete(frame.header.msgId);
@@ -297,6 +311,16 @@ export class Connection implements SocketDma {
     this.decoder.maxFrameSize = maxFrameSizeFor(size);
   }
 
+  /**
+   * A log line the client can provoke: at most a burst, then one a second
+   * per message; the next line let through says how many were dropped.
+   */
+  logLimited(level: "debug" | "info" | "warn" | "error", fields: Record<string, unknown>, msg: string): void {
+    const suppressed = this.limiter.take(msg);
+    if (suppressed < 0) return;
+    this.log[level](suppressed > 0 ? { ...fields, suppressed } : fields, msg);
+  }
+
   // ---- teardown ----
 
   private onTransportClose(err?: Error): void {
@@ -304,6 +328,8 @@ export class Connection implements SocketDma {
     this.closed = true;
     if (err) this.log.warn({ err: err.message }, "connection failed");
     for (const frame of this.queue) for (const fd of frame.fds) this.opts.closeFd(fd);
+    // fds that came with a frame that never completed
+    for (const fd of this.decoder.close()) this.opts.closeFd(fd);
     this.queue.length = 0;
     for (const p of this.pending.values()) {
       clearTimeout(p.timer);
@@ -311,7 +337,8 @@ export class Connection implements SocketDma {
     }
     this.pending.clear();
     this.opts.endpoint.detachClient();
-    this.log.info("client disconnected");
+    const suppressed = this.limiter.totalSuppressed;
+    this.log.info(suppressed > 0 ? { suppressedLogLines: suppressed } : {}, "client disconnected");
     this.opts.onClose?.();
   }
 }

@@ -21,6 +21,8 @@ export interface Request {
   readonly log: Logger;
   /** DMA over this connection's socket, for handlers that need the client. */
   readonly socketDma: SocketDma;
+  /** Log a line the client can provoke at will (rate limited per message). */
+  logLimited(level: "debug" | "info" | "warn" | "error", fields: Record<string, unknown>, msg: string): void;
 }
 
 /** A reply body as parts (header part and data part kept apart to avoid copies) and fds to send. */

@@ -37,6 +37,9 @@ class MemoryTransport implements Transport {
     return this._closed;
   }
 
+  /** Delivery is unbounded in memory: never congested. */
+  readonly congested = false;
+
   start(handlers: TransportHandlers): void {
     if (this.started) throw new Error("MemoryTransport.start() called twice");
     this.started = true;

@@ -13,6 +13,8 @@ export interface TransportHandlers {
   data(chunk: Buffer, fds: number[]): void;
   /** The peer went away or the transport failed; called once. */
   close(err?: Error): void;
+  /** `congested` went back to false: the peer has read enough of what was queued. */
+  drain?(): void;
 }
 
 export interface Transport {
@@ -30,6 +32,12 @@ export interface Transport {
   /** Close the connection; `close` handler fires once. Queued bytes are dropped. */
   close(): void;
   readonly closed: boolean;
+  /**
+   * True while more is queued for the peer than it has read (above a
+   * high-water mark); the transport then stops reading, and a server stops
+   * producing replies, until `drain`.
+   */
+  readonly congested: boolean;
   /** A short peer description for logs. */
   readonly peer: string;
 }

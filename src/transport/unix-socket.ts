@@ -36,6 +36,14 @@ const { READABLE, WRITABLE, MAX_FDS } = native;
 /** Size of the shared read buffer; one read delivers at most this much. */
 export const READ_CHUNK_SIZE = 256 * 1024;
 const MAX_READS_PER_WAKEUP = 64;
+/**
+ * Back-pressure: while more than HIGH_WATER bytes wait to be sent (the peer
+ * is not reading its replies), the connection stops reading requests; it
+ * reads again once the queue is below LOW_WATER. What a client can make the
+ * server hold is bounded by this, not by how much it sends.
+ */
+export const SEND_HIGH_WATER = 4 * 1024 * 1024;
+export const SEND_LOW_WATER = 1024 * 1024;
 const MAX_IOV = 64;
 
 let scratch: Buffer | null = null;
@@ -58,6 +66,10 @@ export class UnixConnection implements Transport {
   /** Set when closed before start(): reported once start() is called. */
   private closeReason: { err: Error | undefined } | null = null;
   private queue: QueuedSend[] = [];
+  /** Bytes in `queue`. */
+  private queuedBytes = 0;
+  /** Reading stopped for back-pressure. */
+  private readPaused = false;
   private pollMask = 0;
 
   /** Connects to a listening socket (blocking connect; local, so immediate). */
@@ -76,6 +88,10 @@ export class UnixConnection implements Transport {
 
   get closed(): boolean {
     return this._closed;
+  }
+
+  get congested(): boolean {
+    return this.readPaused;
   }
 
   start(handlers: TransportHandlers): void {
@@ -141,6 +157,8 @@ export class UnixConnection implements Transport {
       }
     }
     this.queue.push({ data: rest, fds: queuedFds });
+    this.queuedBytes += rest.length;
+    if (this.queuedBytes > SEND_HIGH_WATER) this.readPaused = true;
     this.updatePoll();
   }
 
@@ -155,6 +173,7 @@ export class UnixConnection implements Transport {
     native.close(this.fd);
     for (const q of this.queue) if (q.fds) for (const fd of q.fds) native.close(fd);
     this.queue = [];
+    this.queuedBytes = 0;
     const handlers = this.handlers;
     this.handlers = null;
     if (handlers) process.nextTick(() => handlers.close(err));
@@ -163,7 +182,7 @@ export class UnixConnection implements Transport {
 
   private updatePoll(): void {
     if (this._closed) return;
-    const mask = (this.started ? READABLE : 0) | (this.queue.length > 0 ? WRITABLE : 0);
+    const mask = (this.started && !this.readPaused ? READABLE : 0) | (this.queue.length > 0 ? WRITABLE : 0);
     if (mask === this.pollMask) return;
     this.pollMask = mask;
     const r = this.watcher.start(mask);
@@ -183,7 +202,7 @@ export class UnixConnection implements Transport {
   private readAll(): void {
     const buf = (scratch ??= Buffer.allocUnsafeSlow(READ_CHUNK_SIZE));
     for (let i = 0; i < MAX_READS_PER_WAKEUP; i++) {
-      if (this._closed || this.handlers === null) return;
+      if (this._closed || this.handlers === null || this.readPaused) return;
       const n = native.recv(this.fd, buf, fdsOut);
       if (n < 0) {
         if (n !== -EAGAIN) this.shutdown(errnoError(n, "recvmsg"));
@@ -241,11 +260,18 @@ export class UnixConnection implements Transport {
         const head = q[0]!;
         if (n >= head.data.length) {
           n -= head.data.length;
+          this.queuedBytes -= head.data.length;
           q.shift();
         } else {
           head.data = head.data.subarray(n);
+          this.queuedBytes -= n;
           n = 0;
         }
+      }
+      if (this.readPaused && this.queuedBytes < SEND_LOW_WATER) {
+        this.readPaused = false;
+        this.updatePoll();
+        this.handlers?.drain?.();
       }
       if (partial) return; // socket full: wait for the next writable
     }

@@ -46,6 +46,7 @@ class Injected implements Transport {
   handlers: TransportHandlers | null = null;
   readonly peer = "hotpath";
   closed = false;
+  readonly congested = false;
   start(h: TransportHandlers): void {
     this.handlers = h;
   }

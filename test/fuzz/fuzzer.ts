@@ -382,36 +382,7 @@ function mutate(r: Rng, d: Draft): void {
   }
 }
 
-/**
- * edu's factorial register (BAR0 0x08, 4 bytes) computes n! with a loop of n
- * steps on the event loop: a large n stalls the server for seconds (reported:
- * devices/edu/edu.ts). With the "edu-factorial" avoidance, writes there
- * keep n below 256.
- */
-function tameFactorial(d: Draft): void {
-  const b = d.body;
-  if (d.command === Command.REGION_WRITE && b.length >= 20) {
-    if (b.readBigUInt64LE(0) === 8n && b.readUInt32LE(8) === 0 && b.readUInt32LE(12) === 4) b.fill(0, 17, 20);
-  } else if (d.command === Command.REGION_WRITE_MULTI && b.length >= 8) {
-    for (let at = 8; at + 24 <= b.length; at += 24) {
-      if (b.readBigUInt64LE(at) === 8n && b.readUInt32LE(at + 8) === 0 && b.readUInt32LE(at + 12) === 4) b.fill(0, at + 17, at + 20);
-    }
-  }
-}
-
 // ------------------------------------------------------------------ the run
-
-/**
- * Known bugs, reported, whose fix is not ours to make:
- * - "truncated-fds": src/server/connection.ts leaks the FrameDecoder's
- *   pending fds when a connection ends mid-frame (test/robustness/frame-faults);
- *   avoided by attaching no fds to frames that break the framing and by
- *   letting every earlier frame through whole before such a frame.
- * - "edu-factorial": devices/edu/edu.ts computes the factorial register in a
- *   loop of n steps on the event loop; avoided by keeping n below 256.
- */
-export type Avoidance = "truncated-fds" | "edu-factorial";
-export const AVOIDANCES: readonly Avoidance[] = ["truncated-fds", "edu-factorial"];
 
 export interface FuzzOptions {
   seed: number;
@@ -426,8 +397,6 @@ export interface FuzzOptions {
   device?: string;
   deviceOpts?: string[];
   maxDmaMaps?: number;
-  /** Known bugs to keep away from (see Avoidance). */
-  avoid?: readonly Avoidance[];
   /** Check at every probe that the server's fds are back to the start; a difference is a failure ("leak"). */
   strictFds?: boolean;
   log?: (line: string) => void;
@@ -719,7 +688,6 @@ export async function runFuzz(opts: FuzzOptions): Promise<FuzzResult> {
         const d = template(r);
         d.tag = NAMES.get(d.command) ?? String(d.command);
         if (!r.chance(0.3)) for (let m = r.range(1, 3); m > 0; m--) mutate(r, d);
-        if (opts.avoid?.includes("edu-factorial")) tameFactorial(d);
         let msgId = nextId;
         nextId = nextId >= 0xfffd ? 1 : nextId + 1; // 0 (VERSION) and 0xfffe (sync) stay ours
         if (r.chance(0.02)) msgId = 0xffff;
@@ -751,14 +719,7 @@ export async function runFuzz(opts: FuzzOptions): Promise<FuzzResult> {
         at = Math.max(at, cut);
       }
       if (at < bytes.length) pieces.push(bytes.subarray(at));
-      let fdPiece = fdsOut.length > 0 ? r.int(pieces.length) : -1;
-      if (breaksFraming && opts.avoid?.includes("truncated-fds")) {
-        // no fds on these bytes (closed below), and all earlier frames delivered whole
-        fdPiece = -1;
-        await settle(i);
-        await sync(i);
-        if (!c) c = await connect(i);
-      }
+      const fdPiece = fdsOut.length > 0 ? r.int(pieces.length) : -1;
       outstanding.push(...burstIds);
       for (let p = 0; p < pieces.length; p++) {
         if (c.closed) break;

@@ -1,9 +1,7 @@
 /**
  * npm run fuzz -- --messages N [--seed S] [--minutes M] [--probe-every K]
- *                 [--device edu|bigmem] [--opt K=V]... [--avoid BUG]... [--strict-fds]
+ *                 [--device edu|bigmem] [--opt K=V]... [--strict-fds]
  *
- * --avoid truncated-fds|edu-factorial: keep clear of a known, reported bug
- * (see Avoidance in fuzzer.ts) while looking for others.
  * --strict-fds: the server's fds must be back to the start at every probe.
  *
  * Fuzzes a server in a child process (see fuzzer.ts). Prints one summary
@@ -12,7 +10,7 @@
  * same --seed and --messages to replay it).
  */
 import { parseArgs } from "node:util";
-import { AVOIDANCES, runFuzz, summary, type Avoidance } from "./fuzzer.ts";
+import { runFuzz, summary } from "./fuzzer.ts";
 
 const { values } = parseArgs({
   options: {
@@ -21,7 +19,6 @@ const { values } = parseArgs({
     minutes: { type: "string" },
     "probe-every": { type: "string", default: "2000" },
     device: { type: "string", default: "edu" },
-    avoid: { type: "string", multiple: true },
     "strict-fds": { type: "boolean", default: false },
     opt: { type: "string", multiple: true },
     help: { type: "boolean", short: "h", default: false },
@@ -48,13 +45,6 @@ const r = await runFuzz({
   strictFds: values["strict-fds"],
   device: values.device,
   deviceOpts: values.opt,
-  avoid: (values.avoid ?? []).map((a) => {
-    if (!AVOIDANCES.includes(a as Avoidance)) {
-      console.error(`fuzz: --avoid takes ${AVOIDANCES.join(" or ")}, got ${a}`);
-      process.exit(2);
-    }
-    return a as Avoidance;
-  }),
 });
 for (const f of r.failures) console.error(f);
 const fdsFlat = r.fdsEnd === r.fdsStart;

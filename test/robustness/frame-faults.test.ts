@@ -152,12 +152,10 @@ describe("frame-level faults close only the offending connection", () => {
     await expectServerFine();
   });
 
-  // BUG (src/server/connection.ts, not ours to edit): fds that arrive with the
-  // bytes of a frame that never completes wait in the FrameDecoder
-  // (#pendingFds); on EOF onTransportClose() closes the queued frames' fds but
-  // never calls decoder.close(), so these fds stay open in the server for
-  // good. Expected: onTransportClose() closes what decoder.close() returns.
-  it.fails("truncated frame carrying an fd, then EOF: the fd is closed [BUG: connection.ts leaks the decoder's pending fds]", async () => {
+  // Fds that arrive with the bytes of a frame that never completes wait in
+  // the FrameDecoder; the connection closes them when the client goes or the
+  // header turns out bad (they once leaked there).
+  it("truncated frame carrying an fd, then EOF: the fd is closed", async () => {
     const c = await RawClient.ready(srv.socketPath);
     const m = memfdNamed();
     const req = frameBytes({ msgId: 3, command: Command.DMA_MAP, flags: 0, error: 0 }, le().u32(32).u32(3).u64(0).u64(0x100000).u64(4096).buf);
@@ -171,10 +169,7 @@ describe("frame-level faults close only the offending connection", () => {
     expect(leaked, "server still holds the fd of the truncated frame").toBe(false);
   });
 
-  // Same bug, other path: fds that came with a partial header are still in
-  // the decoder when the completed header turns out bad; onData() closes only
-  // the fds of the chunk that failed.
-  it.fails("fds with a partial header, then a bad rest of the header: the fds are closed [BUG: connection.ts leaks the decoder's pending fds]", async () => {
+  it("fds with a partial header, then a bad rest of the header: the fds are closed", async () => {
     const c = await RawClient.ready(srv.socketPath);
     const m = memfdNamed();
     const bad = header({ command: 77, size: 16 });

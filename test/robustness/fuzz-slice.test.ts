@@ -9,11 +9,7 @@
  * 116..125 MiB up to 524k, one step to 156 MiB, flat from 600k to 10^6.
  *
  * FUZZ_SEED=<n> replays a run; the seed is in the summary line and in every
- * failure. Two reported bugs outside our files are steered around
- * (Avoidance in fuzzer.ts): the fd leak of connection.ts on frames cut short
- * (test/robustness/frame-faults.test.ts) and edu's n-step factorial
- * (test/robustness/resources.test.ts); `npm run fuzz` without --avoid hits
- * both.
+ * failure.
  */
 import { expect, it } from "vitest";
 import { runFuzz, summary } from "../fuzz/fuzzer.ts";
@@ -26,7 +22,6 @@ it("fuzz slice: no crash, no hang, fds flat, RSS bounded", async () => {
     timeLimitMs: 60_000,
     probeEvery: 1000,
     strictFds: true,
-    avoid: ["truncated-fds", "edu-factorial"],
     log: () => {},
   });
   console.log(summary(r));

@@ -6,6 +6,6 @@ export function handleDeviceReset(req: Request): Reply {
   // spec: DEVICE_RESET has no payload
   if (req.body.length !== 0) throw fail.inval(`DEVICE_RESET with a ${req.body.length}-byte body`);
   req.endpoint.reset();
-  req.log.info("device reset");
+  req.logLimited("info", {}, "device reset");
   return EMPTY_REPLY;
 }
