@@ -31,7 +31,8 @@ import {
   type MigState as MigStateValue,
 } from "../../protocol/constants.ts";
 import { parseCapabilities, serializeCapabilities, type Capabilities } from "../../protocol/capabilities.ts";
-import { VfioUserError, errnoName } from "../../protocol/errors.ts";
+import { VfioUserError } from "../../protocol/errors.ts";
+import { PendingRequests } from "../../protocol/pending-requests.ts";
 import { FrameDecoder, commandHeader, encodeErrorReply, encodeMessage, encodeReply, maxFrameSizeFor, type Frame } from "../../protocol/frame.ts";
 import { decodeDeviceFeatureReply, encodeDeviceFeatureParts, type DeviceFeatureReply } from "../../protocol/messages/device-feature.ts";
 import {
@@ -149,12 +150,6 @@ export interface SocketDmaStats {
   refused: number;
 }
 
-interface Pending {
-  command: number;
-  resolve(frame: Frame): void;
-  reject(err: Error): void;
-  timer: NodeJS.Timeout;
-}
 
 interface SocketRegion {
   iova: bigint;
@@ -184,11 +179,10 @@ export class VfioUserClient {
   readonly closedPromise: Promise<Error | undefined>;
 
   private readonly decoder: FrameDecoder;
-  private readonly pending = new Map<number, Pending>();
+  private readonly pending: PendingRequests;
   private readonly regions: SocketRegion[] = [];
   private readonly timeoutMs: number;
   private readonly offeredXferSize: number;
-  private nextMsgId = 1;
   private _closed = false;
   private closeReason: Error | undefined;
   private resolveClosed!: (err: Error | undefined) => void;
@@ -211,6 +205,10 @@ export class VfioUserClient {
   constructor(transport: Transport, opts: ClientOptions = {}) {
     this.transport = transport;
     this.timeoutMs = opts.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
+    this.pending = new PendingRequests(
+      this.timeoutMs,
+      (command, msgId) => new RequestTimeoutError(`${COMMAND_NAMES[command]} (msg ${msgId}) got no reply within ${this.timeoutMs} ms`),
+    );
     this.offeredXferSize = opts.maxDataXferSize ?? CLIENT_MAX_DATA_XFER_SIZE;
     this.maxDataXferSize = Math.min(this.offeredXferSize, Defaults.MAX_DATA_XFER_SIZE);
     this.closedPromise = new Promise((resolve) => (this.resolveClosed = resolve));
@@ -577,25 +575,13 @@ export class VfioUserClient {
   /** Sends a command and resolves with its reply frame; rejects on an error reply, timeout or close. */
   request(command: number, body: Uint8Array | readonly Uint8Array[], fds: readonly number[] = []): Promise<Frame> {
     if (this._closed) return Promise.reject(this.closedError());
-    let msgId = this.nextMsgId;
-    while (this.pending.has(msgId)) msgId = (msgId + 1) & 0xffff;
-    this.nextMsgId = (msgId + 1) & 0xffff;
-    return new Promise<Frame>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.pending.delete(msgId);
-        reject(new RequestTimeoutError(`${COMMAND_NAMES[command]} (msg ${msgId}) got no reply within ${this.timeoutMs} ms`));
-      }, this.timeoutMs);
-      this.pending.set(msgId, { command, resolve, reject, timer });
-      this.send(encodeMessage(commandHeader(msgId, command), body), fds);
-    });
+    return this.pending.start(command, (msgId) => this.send(encodeMessage(commandHeader(msgId, command), body), fds));
   }
 
   /** Sends a command with No_reply. */
   private post(command: number, body: Uint8Array | readonly Uint8Array[]): void {
     if (this._closed) throw this.closedError();
-    const msgId = this.nextMsgId;
-    this.nextMsgId = (msgId + 1) & 0xffff;
-    this.send(encodeMessage(commandHeader(msgId, command, true), body));
+    this.send(encodeMessage(commandHeader(this.pending.nextId(), command, true), body));
   }
 
   private send(buffers: Buffer[], fds: readonly number[] = []): void {
@@ -623,16 +609,7 @@ export class VfioUserClient {
     for (const fd of frame.fds) native.close(fd);
     const h = frame.header;
     if ((h.flags & HeaderFlags.TYPE_MASK) === HeaderFlags.TYPE_REPLY) {
-      const p = this.pending.get(h.msgId);
-      if (!p || p.command !== h.command) return; // late reply to a timed-out request
-      this.pending.delete(h.msgId);
-      clearTimeout(p.timer);
-      if (h.flags & HeaderFlags.ERROR) {
-        const errno = h.error || Errno.EIO;
-        p.reject(new VfioUserError(errno, `${COMMAND_NAMES[h.command]} failed: ${errnoName(errno)}`));
-      } else {
-        p.resolve(frame);
-      }
+      this.pending.settle(frame); // false: a late reply to a timed-out request
       return;
     }
     this.serveRequest(frame);
@@ -692,11 +669,7 @@ export class VfioUserClient {
     this._closed = true;
     if (err && !this.closeReason) this.closeReason = new ConnectionClosedError(`connection failed: ${err.message}`);
     for (const fd of this.decoder.close()) native.close(fd);
-    for (const [, p] of this.pending) {
-      clearTimeout(p.timer);
-      p.reject(this.closedError());
-    }
-    this.pending.clear();
+    this.pending.rejectAll(this.closedError());
     this.resolveClosed(this.closeReason);
   }
 }

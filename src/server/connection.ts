@@ -8,6 +8,7 @@ import type { Logger } from "pino";
 import { COMMAND_NAMES, Command, HEADER_SIZE, HeaderFlags } from "../../protocol/constants.ts";
 import { VfioUserError, errnoOf, fail } from "../../protocol/errors.ts";
 import { FrameDecoder, FrameError, maxFrameSizeFor, type Frame } from "../../protocol/frame.ts";
+import { PendingRequests } from "../../protocol/pending-requests.ts";
 import { writeHeader, type Header } from "../../protocol/header.ts";
 import { viewOf } from "../../protocol/wire.ts";
 import {
@@ -31,12 +32,6 @@ import type { Session } from "./session.ts";
  */
 const REPLY_COPY_MAX = 4096;
 
-interface Pending {
-  command: number;
-  resolve(frame: Frame): void;
-  reject(err: Error): void;
-  timer: NodeJS.Timeout;
-}
 
 export interface ConnectionOptions {
   transport: Transport;
@@ -57,8 +52,8 @@ export class Connection implements SocketDma {
   private readonly queue: Frame[] = [];
   private busy = false;
   private closed = false;
-  private readonly pending = new Map<number, Pending>();
-  private nextMsgId = 0;
+  /** This server's DMA_READ / DMA_WRITE requests awaiting the client's reply. */
+  private readonly pending: PendingRequests;
   private readonly log: Logger;
   private readonly trace: boolean;
   /** A client can provoke refusals at will: their log lines are rate limited. */
@@ -74,6 +69,7 @@ export class Connection implements SocketDma {
   constructor(private readonly opts: ConnectionOptions) {
     this.log = opts.log;
     this.trace = opts.trace ?? false;
+    this.pending = new PendingRequests(opts.requestTimeoutMs ?? 5000, (command) => fail.io(`${COMMAND_NAMES[command]} to the client timed out`));
     this.decoder = new FrameDecoder({
       maxFrameSize: maxFrameSizeFor(opts.session.limits.maxDataXferSize),
       onFrame: (frame) => this.onFrame(frame),
@@ -248,34 +244,15 @@ export class Connection implements SocketDma {
   // ---- server-to-client requests ----
 
   private onReply(frame: Frame): void {
-    const p = this.pending.get(frame.header.msgId);
     for (const fd of frame.fds) this.opts.closeFd(fd); // spec: no fds expected in DMA replies
-    if (!p || p.command !== frame.header.command) {
+    if (!this.pending.settle(frame)) {
       this.logLimited("warn", { msgId: frame.header.msgId, cmd: COMMAND_NAMES[frame.header.command] }, "reply to no request of ours; ignored");
-      return;
-    }
-    this.pending.delete(frame.header.msgId);
-    clearTimeout(p.timer);
-    if (frame.header.flags & HeaderFlags.ERROR) {
-      p.reject(new VfioUserError(frame.header.error || 5, `client refused ${COMMAND_NAMES[p.command]} (errno ${frame.header.error})`));
-    } else {
-      p.resolve(frame);
     }
   }
 
   private request(command: number, parts: readonly Uint8Array[]): Promise<Frame> {
     if (this.closed) return Promise.reject(fail.fault("client disconnected"));
-    let msgId = this.nextMsgId;
-    while (this.pending.has(msgId)) msgId = (msgId + 1) & 0xffff;
-    this.nextMsgId = (msgId + 1) & 0xffff;
-    return new Promise<Frame>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.pending.delete(msgId);
-        reject(fail.io(`${COMMAND_NAMES[command]} to the client timed out`));
-      }, this.opts.requestTimeoutMs ?? 5000);
-      this.pending.set(msgId, { command, resolve, reject, timer });
-      this.send({ msgId, command, size: 0, flags: HeaderFlags.TYPE_COMMAND, error: 0 }, parts);
-    });
+    return this.pending.start(command, (msgId) => this.send({ msgId, command, size: 0, flags: HeaderFlags.TYPE_COMMAND, error: 0 }, parts));
   }
 
   async dmaRead(address: bigint, length: number): Promise<Buffer> {
@@ -331,11 +308,7 @@ export class Connection implements SocketDma {
     // fds that came with a frame that never completed
     for (const fd of this.decoder.close()) this.opts.closeFd(fd);
     this.queue.length = 0;
-    for (const p of this.pending.values()) {
-      clearTimeout(p.timer);
-      p.reject(fail.fault("client disconnected"));
-    }
-    this.pending.clear();
+    this.pending.rejectAll(fail.fault("client disconnected"));
     this.opts.endpoint.detachClient();
     const suppressed = this.limiter.totalSuppressed;
     this.log.info(suppressed > 0 ? { suppressedLogLines: suppressed } : {}, "client disconnected");
