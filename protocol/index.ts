@@ -27,3 +27,4 @@ export * from "./messages/device-feature.ts";
 export * from "./messages/device-feature-data.ts";
 export * from "./messages/mig-data.ts";
 export * from "./messages/mig-get-precopy-info.ts";
+export * from "./pending-requests.ts";
