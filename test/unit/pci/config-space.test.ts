@@ -1,39 +1,7 @@
 import { describe, expect, it } from "vitest";
-import { ConfigSpace, type ConfigSpaceSpec } from "../../../src/pci/config-space.ts";
+import { ConfigSpace } from "../../../src/pci/config-space.ts";
+import { BASE_SPEC, make, r16, r32, r8, w16, w32, w8 } from "./helpers.ts";
 import { PciCommand, PciHeader, PciStatus } from "../../../src/pci/registers.ts";
-
-const BASE_SPEC: ConfigSpaceSpec = {
-  vendorId: 0x1234,
-  deviceId: 0x11e8,
-  subsystemVendorId: 0x1af4,
-  subsystemId: 0x1100,
-  classCode: 0x00ff_01,
-  revision: 0x10,
-  bars: [{ index: 0, size: 0x1000n, kind: "mem32" }],
-  interruptPin: 1,
-};
-
-function make(spec: Partial<ConfigSpaceSpec> = {}): ConfigSpace {
-  return new ConfigSpace({ ...BASE_SPEC, ...spec });
-}
-
-const r8 = (c: ConfigSpace, o: number) => c.read(o, 1)[0]!;
-const r16 = (c: ConfigSpace, o: number) => c.read(o, 2).readUInt16LE(0);
-const r32 = (c: ConfigSpace, o: number) => c.read(o, 4).readUInt32LE(0);
-
-function w8(c: ConfigSpace, o: number, v: number) {
-  return c.write(o, Uint8Array.of(v));
-}
-function w16(c: ConfigSpace, o: number, v: number) {
-  const b = Buffer.alloc(2);
-  b.writeUInt16LE(v);
-  return c.write(o, b);
-}
-function w32(c: ConfigSpace, o: number, v: number) {
-  const b = Buffer.alloc(4);
-  b.writeUInt32LE(v >>> 0);
-  return c.write(o, b);
-}
 
 describe("header identity", () => {
   it("reads the identity fields little-endian", () => {
