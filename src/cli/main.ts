@@ -126,7 +126,12 @@ async function serve(argv: string[]): Promise<number> {
   return 0;
 }
 
-function listDevices(): number {
+function listDevices(argv: string[]): number {
+  if (argv.includes("--help") || argv.includes("-h")) {
+    console.log("Usage: vfio-user-ts devices\n\nLists the devices this build ships, with their --opt options.");
+    return 0;
+  }
+  if (argv.length > 0) throw new UsageError(`devices takes no arguments, got '${argv[0]}'`);
   for (const d of DEVICES) console.log(`${d.name.padEnd(10)} ${d.description}`);
   return 0;
 }
@@ -138,7 +143,7 @@ export async function main(argv: string[]): Promise<number> {
       case "serve":
         return await serve(rest);
       case "devices":
-        return listDevices();
+        return listDevices(rest);
       case "check":
         return await checkCommand(rest);
       case "demo": {
