@@ -16,9 +16,16 @@ export function asBuffer(bytes: Uint8Array): Buffer {
   return Buffer.isBuffer(bytes) ? bytes : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
 }
 
-/** A zero-filled body of `size` bytes and a view on it. */
+/**
+ * A zero-filled body of `size` bytes and a view on it. Small bodies are
+ * slices of Node's shared pool (Buffer.allocUnsafe), zero-filled here:
+ * every byte an encoder does not write (padding, reserved fields) is 0, as
+ * with Buffer.alloc, but without a fresh on-heap buffer that taking the
+ * DataView would then have to move off the heap. The buffer may share its
+ * ArrayBuffer with others: use byteOffset/byteLength (viewOf) with it.
+ */
 export function allocBody(size: number): { buf: Buffer; view: DataView } {
-  const buf = Buffer.alloc(size);
+  const buf = Buffer.allocUnsafe(size).fill(0);
   return { buf, view: viewOf(buf) };
 }
 

@@ -622,6 +622,21 @@ export class BigmemDevice implements Device, PrecopyMemory {
     return this.mem.subarray(at, at + BIGMEM_PAGE_SIZE);
   }
 
+  /**
+   * Pages `first` .. `first + count - 1` as one view, not a copy. What the
+   * API asks of it holds: while tracking, BAR2 writes, DMA into device
+   * memory and reset all mark pages dirty (DMA results that arrive after
+   * the device stopped are dropped), and dirtyPageCount() is exact.
+   */
+  readPages(first: number, count: number): Uint8Array {
+    if (!Number.isInteger(count) || count < 1 || count > this.pages) {
+      throw new RangeError(`bigmem: page count ${count} outside 1..${this.pages}`);
+    }
+    const at = this.pageOffset(first);
+    this.pageOffset(first + count - 1);
+    return this.mem.subarray(at, at + count * BIGMEM_PAGE_SIZE);
+  }
+
   writePage(page: number, data: Uint8Array): void {
     const at = this.pageOffset(page);
     if (data.length !== BIGMEM_PAGE_SIZE) {

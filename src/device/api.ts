@@ -127,6 +127,25 @@ export interface PrecopyMemory {
   /** Read/write raw device memory for the stream. */
   readPage(page: number): Uint8Array;
   writePage(page: number, data: Uint8Array): void;
+  /**
+   * Optional: pages `first` .. `first + count - 1` as one contiguous view of
+   * device memory (not a copy) of `count * pageSize` bytes; throws
+   * RangeError outside device memory. Without it the framework copies a
+   * record page by page with `readPage`.
+   *
+   * With it, MIG_DATA_READ sends device memory without copying it: a MEMORY
+   * record's CRC is taken over the view and the bytes go out in the same
+   * synchronous step (what stays queued for the next read is copied), so
+   * this is safe while the device runs. In STOP_COPY the framework also
+   * takes the next record's CRC ahead of the next read, over several turns
+   * of the event loop, and drops that work if `dirtyPageCount()` is above 0
+   * at the next read. So a device that offers `readPages` must, while
+   * tracking, mark every change to its memory as dirty (its BAR handlers,
+   * its own DMA, reset; `dirtyPageCount()` exact, not an estimate), and
+   * must not let anything outside the JavaScript thread (another thread or
+   * process sharing the memory) write it.
+   */
+  readPages?(first: number, count: number): Uint8Array;
 }
 
 /** Structured state: anything msgpack can carry (objects, numbers, bigints, Uint8Array). */

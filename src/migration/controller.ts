@@ -3,7 +3,7 @@
  * at a time and does what each arc means for the device (stop, start, begin
  * or cancel pre-copy, produce the stop-copy stream, load a resumed stream),
  * produces MIG_DATA_READ bytes lazily from the device's memory so a page is
- * copied when it is sent, and answers MIG_DATA_SIZE and pre-copy info.
+ * read when it is sent, and answers MIG_DATA_SIZE and pre-copy info.
  *
  * The stream (state-stream.ts): HEADER; in pre-copy MEMORY records (every
  * page once, then pages the device re-dirtied); at stop-copy one STATE record
@@ -15,6 +15,28 @@
  * leaves no half-loaded state: config space and device registers are
  * untouched, and device memory the stream had already written is reset to
  * power-on together with the rest of the device.
+ *
+ * MIG_DATA_READ moves device memory without copying it when the device
+ * offers `readPages` (see queueNextRecord): a record is a view of device
+ * memory, its CRC is taken over the view once, and its bytes go to the
+ * socket in the same synchronous step; the few bytes of it that stay queued
+ * for the next read (under a page: records are sized to end near the reply)
+ * are copied. So no queued byte refers to device memory when anything else
+ * can run, in PRE_COPY (device running) as in STOP_COPY.
+ *
+ * Client BAR writes during STOP_COPY: the server does not refuse them.
+ * vfio.h asks the device in STOP (and STOP_COPY "has the same behavior as
+ * STOP") to keep answering config space and MSI-X, and leaves other region
+ * accesses to the user: "The user should take steps to restrict access to
+ * vfio device regions while the device is in STOP_COPY or risk corruption
+ * of the device migration data stream". A refusal would have to tell BAR
+ * from config space and MSI-X ranges (command-rules.ts sees only the
+ * command). Instead the stream stays valid: nothing queued aliases device
+ * memory (above), device memory is dirty-tracked in STOP_COPY as in
+ * PRE_COPY, and pages written while stopped go again before END, so the
+ * destination ends with what device memory holds when END is queued.
+ * (Registers are not re-sent: the STATE record is the device as it
+ * stopped; and what is written after END is not migrated.)
  */
 import type { Logger } from "pino";
 import type { PrecopyMemory } from "../device/api.ts";
@@ -124,7 +146,11 @@ export class MigrationController {
       if (from === S.STOP) {
         this.beginSaving();
         const mem = this.memory;
-        if (mem) this.queuePages(allPages(mem));
+        if (mem) {
+          // tracked here too, so pages written while stopped go again before END
+          mem.startTracking();
+          this.queuePages(mem.takeDirtyPages());
+        }
       } else {
         // from PRE_COPY(_P2P): what the device dirtied since goes after the unsent rest
         const mem = this.memory;
@@ -184,12 +210,33 @@ export class MigrationController {
   /**
    * Up to `max` bytes of the stream. Empty in PRE_COPY means nothing more
    * for now; empty in STOP_COPY means the end.
+   *
+   * The segments may be views of device memory (see queueNextRecord): the
+   * caller sends them before it yields to the event loop, as the
+   * MIG_DATA_READ handler does (the connection sends a reply synchronously
+   * and the transport copies what the socket does not take at once).
+   * Whatever of the stream stays queued after this call is a private copy.
    */
   read(max: number): Uint8Array[] {
     const w = this.writer;
     if (!w) return [];
+    const stopCopy = this.fsm.state === MigState.STOP_COPY;
+    const mem = this.memory;
+    if (stopCopy && this.endPending && mem && mem.dirtyPageCount() > 0) {
+      // Device memory was written while the device is stopped: a client's
+      // BAR writes during STOP_COPY (vfio.h: "The user should take steps to
+      // restrict access to vfio device regions while the device is in
+      // STOP_COPY or risk corruption of the device migration data stream").
+      // Nothing queued refers to device memory any more (settle below), so
+      // the stream stays consistent: those pages go again, after the rest.
+      // (Once END is queued the stream is complete; later writes are not
+      // migrated.)
+      this.queuePages(mem.takeDirtyPages());
+    }
     this.fill(w, max);
-    return w.readSegments(max);
+    const out = w.readSegments(max);
+    w.settle();
+    return out;
   }
 
   private fill(w: StateStreamWriter, max: number): void {
@@ -197,11 +244,12 @@ export class MigrationController {
     const inPrecopy = this.fsm.state !== MigState.STOP_COPY;
     while (w.pendingBytes < max) {
       if (mem && this.pageCursor < this.pagesToSend.length) {
-        this.queueNextRecord(w, mem);
+        this.queueNextRecord(w, mem, max - w.pendingBytes);
         continue;
       }
-      if (mem && inPrecopy && this.initialLeft === 0) {
-        // first pass done: send what the device dirtied since, if anything
+      if (mem && (inPrecopy ? this.initialLeft === 0 : this.endPending)) {
+        // pre-copy, first pass done: send what the device dirtied since, if
+        // anything; stop-copy: what was written while stopped (see read())
         const before = this.pagesToSend.length - this.pageCursor;
         this.queuePages(mem.takeDirtyPages());
         if (this.pagesToSend.length - this.pageCursor > before) continue;
@@ -214,18 +262,46 @@ export class MigrationController {
     }
   }
 
-  /** One MEMORY record of up to PAGES_PER_RECORD contiguous pages, copied now. */
-  private queueNextRecord(w: StateStreamWriter, mem: PrecopyMemory): void {
-    const first = this.pagesToSend[this.pageCursor]!;
+  /**
+   * The next record's pages: up to PAGES_PER_RECORD contiguous pages from
+   * the cursor, and no more than it takes to cover `need` more bytes of the
+   * stream, so at most a page of the record outlives the read that queued it.
+   */
+  private nextRun(mem: PrecopyMemory, need: number): { first: number; n: number } {
+    const pages = this.pagesToSend;
+    const at = this.pageCursor;
+    const first = pages[at]!;
+    const want = Math.min(PAGES_PER_RECORD, Math.max(1, Math.ceil((need - MEMORY_RECORD_OVERHEAD) / mem.pageSize)));
     let n = 1;
-    while (n < PAGES_PER_RECORD && this.pageCursor + n < this.pagesToSend.length && this.pagesToSend[this.pageCursor + n] === first + n) n++;
+    while (n < want && at + n < pages.length && pages[at + n] === first + n) n++;
+    return { first, n };
+  }
+
+  /**
+   * One MEMORY record (see nextRun). With `readPages` its bytes are a view of
+   * device memory, queued as transient: read() hands them out and settles
+   * the unread rest (a copy of under a page) before it returns, in one
+   * synchronous step, so the bytes sent are the bytes the CRC was taken
+   * over, whether or not the device is running. Without it the pages are
+   * copied into one buffer (not zero-filled first).
+   */
+  private queueNextRecord(w: StateStreamWriter, mem: PrecopyMemory, need: number): void {
     const size = mem.pageSize;
-    const bytes = new Uint8Array(n * size);
-    for (let i = 0; i < n; i++) bytes.set(mem.readPage(first + i), i * size);
+    const { first, n } = this.nextRun(mem, need);
+    const transient = mem.readPages !== undefined;
+    let bytes: Uint8Array;
+    if (transient) {
+      bytes = mem.readPages!(first, n);
+      if (bytes.byteLength !== n * size) throw fail.io(`readPages(${first}, ${n}) returned ${bytes.byteLength} bytes, expected ${n * size}`);
+    } else {
+      bytes = Buffer.allocUnsafeSlow(n * size);
+      for (let i = 0; i < n; i++) bytes.set(mem.readPage(first + i), i * size);
+    }
     this.pageCursor += n;
     if (this.initialLeft > 0) this.initialLeft = Math.max(0, this.initialLeft - n);
-    w.memory(BigInt(first) * BigInt(size), bytes);
+    w.memory(BigInt(first) * BigInt(size), bytes, { transient });
   }
+
 
   /** MIG_DATA_SIZE: bytes a stop-copy would still produce from here. */
   stopCopySize(): bigint {
@@ -328,10 +404,5 @@ export class MigrationController {
     this.endpoint.pci.reset();
     this.endpoint.device.reset();
   }
-}
-
-function* allPages(mem: PrecopyMemory): Iterable<number> {
-  const n = Number(mem.size / BigInt(mem.pageSize));
-  for (let p = 0; p < n; p++) yield p;
 }
 

@@ -131,15 +131,32 @@ export interface StateStreamWriterOptions {
   readonly maxRecordLength?: number;
 }
 
+/** How memory() holds a record's bytes. */
+export interface MemoryRecordOptions {
+  /**
+   * The bytes are a view of memory that may change once the caller yields
+   * (device memory of a running device, say). The CRC is taken now, as for
+   * any record; the caller reads out what it needs and then calls
+   * settle() before anything else can run, which copies whatever of these
+   * bytes is still unread. So nothing queued refers to that memory across
+   * a turn of the event loop, and the bytes sent are the bytes the CRC
+   * covers.
+   */
+  readonly transient?: boolean;
+}
+
 /**
  * Source side. Records are queued as segments; bulk MEMORY bytes are queued
  * by reference (not copied) and must not change until they are read out: the
  * CRC is taken when the record is queued, so a later change is caught at the
- * destination rather than migrated silently.
+ * destination rather than migrated silently. (Transient bytes, see MemoryRecordOptions, are held by
+ * reference only until settle().)
  */
 export class StateStreamWriter {
   readonly maxRecordLength: number;
   #segments: Uint8Array[] = [];
+  /** #transient[i]: #segments[i] is a caller's transient view, copied by settle() while unread. */
+  #transient: boolean[] = [];
   /** Read position inside #segments[0]. */
   #head = 0;
   #pending = 0;
@@ -195,8 +212,11 @@ export class StateStreamWriter {
     this.#record(RecordKind.STATE, packr.pack(value));
   }
 
-  /** A MEMORY record: `bytes` at device-memory `offset`, queued without copying. */
-  memory(offset: bigint, bytes: Uint8Array): void {
+  /**
+   * A MEMORY record: `bytes` at device-memory `offset`, queued without
+   * copying; the CRC is computed here, once, over the record as queued.
+   */
+  memory(offset: bigint, bytes: Uint8Array, options: MemoryRecordOptions = {}): void {
     this.#checkOpen("memory");
     if (offset < 0n || offset > U64_MAX) throw fail.io(`state stream: memory offset ${offset} is not a u64`);
     const length = MEMORY_OFFSET_SIZE + bytes.byteLength;
@@ -208,8 +228,30 @@ export class StateStreamWriter {
     view.setBigUint64(RECORD_HEADER_SIZE, offset, true);
     const crc = crc32(bytes, crc32(head));
     this.#push(head);
-    if (bytes.byteLength > 0) this.#push(bytes);
+    if (bytes.byteLength > 0) this.#push(bytes, options.transient === true);
     this.#push(crcBytes(crc));
+  }
+
+  /**
+   * Copies the unread part of every transient segment (see
+   * MemoryRecordOptions), so the queue no longer refers to the caller's
+   * memory. Returns the bytes copied.
+   */
+  settle(): number {
+    let copied = 0;
+    const segs = this.#segments;
+    const flags = this.#transient;
+    for (let i = 0; i < segs.length; i++) {
+      if (!flags[i]) continue;
+      const from = i === 0 ? this.#head : 0;
+      const own = new Uint8Array(segs[i]!.byteLength - from);
+      own.set(segs[i]!.subarray(from));
+      segs[i] = own;
+      flags[i] = false;
+      if (i === 0) this.#head = 0;
+      copied += own.byteLength;
+    }
+    return copied;
   }
 
   /** The END record; nothing may follow. */
@@ -241,6 +283,8 @@ export class StateStreamWriter {
   /**
    * Up to `max` bytes as views of the queued segments (for a vectored send):
    * nothing is copied. The views stay valid; the writer does not reuse them.
+   * (Views of transient bytes show what that memory holds: send them before
+   * yielding, see MemoryRecordOptions.)
    */
   readSegments(max: number): Uint8Array[] {
     const out: Uint8Array[] = [];
@@ -255,6 +299,7 @@ export class StateStreamWriter {
       this.#bytesRead += take;
       if (take === avail) {
         this.#segments.shift();
+        this.#transient.shift();
         this.#head = 0;
       } else {
         this.#head += take;
@@ -286,8 +331,9 @@ export class StateStreamWriter {
     this.#push(crcBytes(crc));
   }
 
-  #push(seg: Uint8Array): void {
+  #push(seg: Uint8Array, transient = false): void {
     this.#segments.push(seg);
+    this.#transient.push(transient);
     this.#pending += seg.byteLength;
   }
 }

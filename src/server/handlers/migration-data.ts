@@ -4,19 +4,49 @@
  * the socket form of VFIO_MIG_GET_PRECOPY_INFO). Which states allow each is
  * checked by command-rules.ts before these run.
  */
+import { MessageSize } from "../../../protocol/constants.ts";
 import { fail } from "../../../protocol/errors.ts";
 import { decodeMigDataReadRequest, decodeMigDataWriteRequest, encodeMigDataReadReplyParts, encodeMigDataWriteReply } from "../../../protocol/messages/mig-data.ts";
 import { decodeMigGetPrecopyInfoRequest, encodeMigGetPrecopyInfoReply } from "../../../protocol/messages/mig-get-precopy-info.ts";
+import { allocBody, putU32 } from "../../../protocol/wire.ts";
 import { reply, type Reply, type Request } from "../dispatcher.ts";
+
+/**
+ * Above this many segments (many small records: scattered dirty pages) a
+ * reply is joined into one buffer: one sendmsg takes at most 64 iovecs
+ * (vfio_native.c), and the transport would copy the rest anyway.
+ */
+const MAX_REPLY_SEGMENTS = 48;
 
 export function handleMigDataRead(req: Request): Reply {
   const r = decodeMigDataReadRequest(req.body);
   // spec: sizes are bounded by max_data_xfer_size
   if (r.size > req.session.maxDataXferSize) throw fail.inval(`MIG_DATA_READ of ${r.size} bytes exceeds max_data_xfer_size ${req.session.maxDataXferSize}`);
   if (r.argsz < 8 + r.size) throw fail.inval(`MIG_DATA_READ argsz ${r.argsz} cannot hold ${r.size} bytes`);
+  // The segments may be views of device memory, valid until this handler
+  // yields (MigrationController.read): it stays synchronous, and the
+  // connection sends the reply before it returns.
   const segments = req.endpoint.migration.read(r.size);
-  const data = segments.length === 1 ? segments[0]! : Buffer.concat(segments);
-  return { parts: encodeMigDataReadReplyParts({ argsz: 8 + data.length, size: data.length, data }) };
+  if (segments.length === 1 || segments.length > MAX_REPLY_SEGMENTS) {
+    const data = segments.length === 1 ? segments[0]! : Buffer.concat(segments);
+    return { parts: encodeMigDataReadReplyParts({ argsz: 8 + data.length, size: data.length, data }) };
+  }
+  // Several segments (a reply spanning records) go out as they are, views
+  // and all: the connection sends [header, fixed part, ...segments] as one
+  // vectored message, so nothing is concatenated here.
+  let size = 0;
+  for (let i = 0; i < segments.length; i++) size += segments[i]!.byteLength;
+  const parts: Uint8Array[] = [readReplyFixed(size)];
+  for (let i = 0; i < segments.length; i++) parts.push(segments[i]!);
+  return { parts };
+}
+
+/** The reply's fixed part (argsz, size) for `size` data bytes sent as separate parts; the same bytes encodeMigDataReadReplyParts writes. */
+function readReplyFixed(size: number): Buffer {
+  const { buf, view } = allocBody(MessageSize.MIG_DATA_FIXED);
+  putU32(view, 0, MessageSize.MIG_DATA_FIXED + size, "argsz");
+  putU32(view, 4, size, "size");
+  return buf;
 }
 
 export function handleMigDataWrite(req: Request): Reply {
