@@ -4,6 +4,7 @@
  * and the capability list. Writes are byte-granular, so a 32-bit write at 0x04
  * carrying status bytes keeps the status register's read-only and W1C rules.
  */
+import type { DeviceIdentity } from "../device/api.ts";
 import {
   CAPABILITY_LIST_START,
   msiCapability,
@@ -39,14 +40,8 @@ export interface BarSpec {
   prefetchable?: boolean;
 }
 
-export interface ConfigSpaceSpec {
-  vendorId: number;
-  deviceId: number;
-  subsystemVendorId?: number;
-  subsystemId?: number;
-  /** 24-bit: base << 16 | sub << 8 | progIf. */
-  classCode: number;
-  revision?: number;
+/** The device's identity (src/device/api.ts) plus what config space is built from. */
+export interface ConfigSpaceSpec extends DeviceIdentity {
   bars: BarSpec[];
   /** 0 none, 1 = INTA .. 4 = INTD. */
   interruptPin?: number;
