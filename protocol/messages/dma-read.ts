@@ -12,9 +12,9 @@
  * count/length check below unless its first 4 data bytes happen to be 0.
  */
 import { MessageSize } from "../constants.ts";
-import { fail } from "../errors.ts";
+import { decodeDmaAccessWithData, encodeDmaAccess } from "./access.ts";
 import { readU64 } from "../u64.ts";
-import { allocBody, asBuffer, checkCount, joinParts, needAtLeast, needExactly, putU64, viewOf } from "../wire.ts";
+import { checkCount, joinParts, needExactly, viewOf } from "../wire.ts";
 
 /** Server -> client: read `count` bytes at DMA address `address`. */
 export interface DmaReadRequest {
@@ -34,15 +34,8 @@ export interface DmaReadReply {
   data: Uint8Array;
 }
 
-function encodeAccess(address: bigint, count: bigint): Buffer {
-  const { buf, view } = allocBody(MessageSize.DMA_ACCESS_FIXED);
-  putU64(view, 0, address);
-  putU64(view, 8, count);
-  return buf;
-}
-
 export function encodeDmaReadRequest(msg: DmaReadRequest): Buffer {
-  return encodeAccess(msg.address, msg.count);
+  return encodeDmaAccess(msg.address, msg.count);
 }
 
 export function decodeDmaReadRequest(body: Uint8Array): DmaReadRequest {
@@ -54,7 +47,7 @@ export function decodeDmaReadRequest(body: Uint8Array): DmaReadRequest {
 /** The reply as [fixed part, data]; data is referenced, not cloned. */
 export function encodeDmaReadReplyParts(msg: DmaReadReply): Uint8Array[] {
   checkCount(msg.count, msg.data.length, "DMA_READ reply");
-  return [encodeAccess(msg.address, msg.count), msg.data];
+  return [encodeDmaAccess(msg.address, msg.count), msg.data];
 }
 
 export function encodeDmaReadReply(msg: DmaReadReply): Buffer {
@@ -63,12 +56,5 @@ export function encodeDmaReadReply(msg: DmaReadReply): Buffer {
 
 /** EINVAL when the body is short or its data length differs from count. The data aliases `body`. */
 export function decodeDmaReadReply(body: Uint8Array): DmaReadReply {
-  const what = "DMA_READ reply";
-  needAtLeast(body, MessageSize.DMA_ACCESS_FIXED, what);
-  const view = viewOf(body);
-  const count = readU64(view, 8);
-  if (count !== BigInt(body.length - MessageSize.DMA_ACCESS_FIXED)) {
-    throw fail.inval(`${what}: count ${count} but ${body.length - MessageSize.DMA_ACCESS_FIXED} data bytes`);
-  }
-  return { address: readU64(view, 0), count, data: asBuffer(body).subarray(MessageSize.DMA_ACCESS_FIXED) };
+  return decodeDmaAccessWithData(body, "DMA_READ reply");
 }

@@ -12,9 +12,10 @@
  * decoder accepts all three; the encoder writes the spec's 12 bytes.
  */
 import { MessageSize } from "../constants.ts";
+import { decodeDmaAccessWithData, encodeDmaAccess } from "./access.ts";
 import { fail } from "../errors.ts";
 import { readU64 } from "../u64.ts";
-import { allocBody, asBuffer, checkCount, joinParts, needAtLeast, putU32, putU64, viewOf } from "../wire.ts";
+import { allocBody, checkCount, joinParts, needAtLeast, putU32, putU64, viewOf } from "../wire.ts";
 
 /** Server -> client: write `data` at DMA address `address`. */
 export interface DmaWriteRequest {
@@ -37,10 +38,7 @@ export interface DmaWriteReply {
 /** The request as [fixed part, data]; data is referenced, not cloned. */
 export function encodeDmaWriteRequestParts(msg: DmaWriteRequest): Uint8Array[] {
   checkCount(msg.count, msg.data.length, "DMA_WRITE");
-  const { buf, view } = allocBody(MessageSize.DMA_ACCESS_FIXED);
-  putU64(view, 0, msg.address);
-  putU64(view, 8, msg.count);
-  return [buf, msg.data];
+  return [encodeDmaAccess(msg.address, msg.count), msg.data];
 }
 
 export function encodeDmaWriteRequest(msg: DmaWriteRequest): Buffer {
@@ -49,14 +47,7 @@ export function encodeDmaWriteRequest(msg: DmaWriteRequest): Buffer {
 
 /** EINVAL when the body is short or its data length differs from count. The data aliases `body`. */
 export function decodeDmaWriteRequest(body: Uint8Array): DmaWriteRequest {
-  const what = "DMA_WRITE";
-  needAtLeast(body, MessageSize.DMA_ACCESS_FIXED, what);
-  const view = viewOf(body);
-  const count = readU64(view, 8);
-  if (count !== BigInt(body.length - MessageSize.DMA_ACCESS_FIXED)) {
-    throw fail.inval(`${what}: count ${count} but ${body.length - MessageSize.DMA_ACCESS_FIXED} data bytes`);
-  }
-  return { address: readU64(view, 0), count, data: asBuffer(body).subarray(MessageSize.DMA_ACCESS_FIXED) };
+  return decodeDmaAccessWithData(body, "DMA_WRITE");
 }
 
 /** Encodes the spec's 12-byte reply; an empty object encodes to an empty body. */

@@ -11,9 +11,9 @@
  * (checked by the handler, which knows the negotiated value).
  */
 import { MessageSize } from "../constants.ts";
-import { fail } from "../errors.ts";
+import { decodeRegionAccessWithData, encodeRegionAccess } from "./access.ts";
 import { readU64 } from "../u64.ts";
-import { allocBody, asBuffer, checkCount, joinParts, needAtLeast, needExactly, putU32, putU64, viewOf } from "../wire.ts";
+import { checkCount, joinParts, needExactly, viewOf } from "../wire.ts";
 
 /** Client -> server: read `count` bytes at `offset` of region `region`. */
 export interface RegionReadRequest {
@@ -37,16 +37,8 @@ export interface RegionReadReply {
   data: Uint8Array;
 }
 
-function encodeAccess(offset: bigint, region: number, count: number): Buffer {
-  const { buf, view } = allocBody(MessageSize.REGION_ACCESS_FIXED);
-  putU64(view, 0, offset);
-  putU32(view, 8, region, "region");
-  putU32(view, 12, count, "count");
-  return buf;
-}
-
 export function encodeRegionReadRequest(msg: RegionReadRequest): Buffer {
-  return encodeAccess(msg.offset, msg.region, msg.count);
+  return encodeRegionAccess(msg.offset, msg.region, msg.count);
 }
 
 /** EINVAL unless the body is exactly 16 bytes. */
@@ -59,7 +51,7 @@ export function decodeRegionReadRequest(body: Uint8Array): RegionReadRequest {
 /** The reply as [fixed part, data] so large data is not copied; data is referenced, not cloned. */
 export function encodeRegionReadReplyParts(msg: RegionReadReply): Uint8Array[] {
   checkCount(msg.count, msg.data.length, "REGION_READ reply");
-  return [encodeAccess(msg.offset, msg.region, msg.count), msg.data];
+  return [encodeRegionAccess(msg.offset, msg.region, msg.count), msg.data];
 }
 
 export function encodeRegionReadReply(msg: RegionReadReply): Buffer {
@@ -68,17 +60,5 @@ export function encodeRegionReadReply(msg: RegionReadReply): Buffer {
 
 /** EINVAL when the body is short or its data length differs from count. The data aliases `body`. */
 export function decodeRegionReadReply(body: Uint8Array): RegionReadReply {
-  const what = "REGION_READ reply";
-  needAtLeast(body, MessageSize.REGION_ACCESS_FIXED, what);
-  const view = viewOf(body);
-  const count = view.getUint32(12, true);
-  if (body.length - MessageSize.REGION_ACCESS_FIXED !== count) {
-    throw fail.inval(`${what}: count ${count} but ${body.length - MessageSize.REGION_ACCESS_FIXED} data bytes`);
-  }
-  return {
-    offset: readU64(view, 0),
-    region: view.getUint32(8, true),
-    count,
-    data: asBuffer(body).subarray(MessageSize.REGION_ACCESS_FIXED),
-  };
+  return decodeRegionAccessWithData(body, "REGION_READ reply");
 }

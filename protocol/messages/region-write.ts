@@ -8,9 +8,9 @@
  *  16  data   `count` bytes
  */
 import { MessageSize } from "../constants.ts";
-import { fail } from "../errors.ts";
+import { decodeRegionAccessWithData, encodeRegionAccess } from "./access.ts";
 import { readU64 } from "../u64.ts";
-import { allocBody, asBuffer, checkCount, joinParts, needAtLeast, needExactly, putU32, putU64, viewOf } from "../wire.ts";
+import { checkCount, joinParts, needExactly, viewOf } from "../wire.ts";
 
 /** Client -> server: write `data` at `offset` of region `region`. */
 export interface RegionWriteRequest {
@@ -34,18 +34,10 @@ export interface RegionWriteReply {
   count: number;
 }
 
-function encodeAccess(offset: bigint, region: number, count: number): Buffer {
-  const { buf, view } = allocBody(MessageSize.REGION_ACCESS_FIXED);
-  putU64(view, 0, offset);
-  putU32(view, 8, region, "region");
-  putU32(view, 12, count, "count");
-  return buf;
-}
-
 /** The request as [fixed part, data]; data is referenced, not cloned. */
 export function encodeRegionWriteRequestParts(msg: RegionWriteRequest): Uint8Array[] {
   checkCount(msg.count, msg.data.length, "REGION_WRITE");
-  return [encodeAccess(msg.offset, msg.region, msg.count), msg.data];
+  return [encodeRegionAccess(msg.offset, msg.region, msg.count), msg.data];
 }
 
 export function encodeRegionWriteRequest(msg: RegionWriteRequest): Buffer {
@@ -54,23 +46,11 @@ export function encodeRegionWriteRequest(msg: RegionWriteRequest): Buffer {
 
 /** EINVAL when the body is short or its data length differs from count. The data aliases `body`. */
 export function decodeRegionWriteRequest(body: Uint8Array): RegionWriteRequest {
-  const what = "REGION_WRITE";
-  needAtLeast(body, MessageSize.REGION_ACCESS_FIXED, what);
-  const view = viewOf(body);
-  const count = view.getUint32(12, true);
-  if (body.length - MessageSize.REGION_ACCESS_FIXED !== count) {
-    throw fail.inval(`${what}: count ${count} but ${body.length - MessageSize.REGION_ACCESS_FIXED} data bytes`);
-  }
-  return {
-    offset: readU64(view, 0),
-    region: view.getUint32(8, true),
-    count,
-    data: asBuffer(body).subarray(MessageSize.REGION_ACCESS_FIXED),
-  };
+  return decodeRegionAccessWithData(body, "REGION_WRITE");
 }
 
 export function encodeRegionWriteReply(msg: RegionWriteReply): Buffer {
-  return encodeAccess(msg.offset, msg.region, msg.count);
+  return encodeRegionAccess(msg.offset, msg.region, msg.count);
 }
 
 export function decodeRegionWriteReply(body: Uint8Array): RegionWriteReply {
