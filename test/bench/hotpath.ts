@@ -139,7 +139,7 @@ function floor(): number {
 }
 
 const results = new Map<string, number[]>([["floor: 1 sendmsg", []]]);
-for (const [name, chunk] of cases) run(chunk); // warm-up
+for (const [, chunk] of cases) run(chunk); // warm-up
 floor();
 for (let r = 0; r < rounds; r++) {
   results.get("floor: 1 sendmsg")!.push(floor());

@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { ConfigSpace } from "../../../src/pci/config-space.ts";
-import { BASE_SPEC, make, r16, r32, r8, w16, w32, w8 } from "./helpers.ts";
+import { make, r16, r32, r8, w16, w32, w8 } from "./helpers.ts";
 import { placeCapabilities, walkCapabilities } from "../../../src/pci/capabilities.ts";
 import { PciCapId, PciExp, PciMsi, PciMsix, PciPm } from "../../../src/pci/registers.ts";
 
