@@ -35,7 +35,7 @@ export class Endpoint {
 
   constructor(
     readonly device: Device,
-    private readonly opts: EndpointOptions,
+    opts: EndpointOptions,
   ) {
     this.log = opts.log;
     this.pci = new PciFunction(device);
