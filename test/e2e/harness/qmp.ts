@@ -4,6 +4,7 @@
  * asynchronous events.
  */
 import type { Socket } from "node:net";
+import { EventQueue } from "./event-queue.ts";
 
 export interface QmpEvent {
   readonly event: string;
@@ -37,12 +38,6 @@ interface Pending {
   timer: NodeJS.Timeout;
 }
 
-interface EventWaiter {
-  name: string;
-  pred: ((ev: QmpEvent) => boolean) | undefined;
-  resolve(ev: QmpEvent): void;
-}
-
 export class Qmp {
   readonly timeoutMs: number;
   /** The `QMP` member of the greeting (version, capabilities). */
@@ -53,8 +48,7 @@ export class Qmp {
   private nextId = 1;
   private readonly pending = new Map<string, Pending>();
   private readonly events: QmpEvent[] = [];
-  private readonly unconsumed = new Set<QmpEvent>();
-  private readonly waiters = new Set<EventWaiter>();
+  private readonly queue = new EventQueue<QmpEvent>();
   private closedReason: string | undefined;
   private greetingWaiter: { resolve(): void; reject(e: Error): void } | undefined;
 
@@ -128,28 +122,11 @@ export class Qmp {
    * returned at most once.
    */
   waitEvent(name: string, timeoutMs = this.timeoutMs, pred?: (ev: QmpEvent) => boolean): Promise<QmpEvent> {
-    for (const ev of this.unconsumed) {
-      if (ev.event === name && (pred === undefined || pred(ev))) {
-        this.unconsumed.delete(ev);
-        return Promise.resolve(ev);
-      }
-    }
-    return new Promise<QmpEvent>((resolve, reject) => {
-      const w: EventWaiter = {
-        name,
-        pred,
-        resolve: (ev) => {
-          clearTimeout(timer);
-          this.waiters.delete(w);
-          resolve(ev);
-        },
-      };
-      const timer = setTimeout(() => {
-        this.waiters.delete(w);
-        reject(new QmpError(`qmp: no ${name} event within ${timeoutMs} ms`));
-      }, timeoutMs);
-      this.waiters.add(w);
-    });
+    return this.queue.wait(
+      (ev) => ev.event === name && (pred === undefined || pred(ev)),
+      timeoutMs,
+      () => new QmpError(`qmp: no ${name} event within ${timeoutMs} ms`),
+    );
   }
 
   close(): void {
@@ -193,13 +170,7 @@ export class Qmp {
         seq: this.events.length,
       };
       this.events.push(ev);
-      for (const w of this.waiters) {
-        if (w.name === ev.event && (w.pred === undefined || w.pred(ev))) {
-          w.resolve(ev);
-          return;
-        }
-      }
-      this.unconsumed.add(ev);
+      this.queue.push(ev);
       return;
     }
     const id = typeof msg.id === "string" ? msg.id : undefined;

@@ -18,6 +18,7 @@
  * sizes and ranges before anything reaches the wire.
  */
 import type { Socket } from "node:net";
+import { EventQueue } from "./event-queue.ts";
 
 export type Addr = bigint | number;
 
@@ -55,12 +56,6 @@ interface Pending {
   abandoned: boolean;
 }
 
-interface IrqWaiter {
-  kind: "raise" | "lower";
-  line: number;
-  resolve(ev: IrqEvent): void;
-}
-
 const MAX_CHUNK = 1 << 20;
 
 export class Qtest {
@@ -73,9 +68,8 @@ export class Qtest {
   private closedReason: string | undefined;
   private readonly events: IrqEvent[] = [];
   /** Events not yet handed out by waitIrq. */
-  private readonly unconsumed = new Set<IrqEvent>();
+  private readonly irqQueue = new EventQueue<IrqEvent>();
   private readonly levels = new Map<number, boolean>();
-  private readonly irqWaiters = new Set<IrqWaiter>();
 
   constructor(socket: Socket, opts: QtestOptions = {}) {
     this.socket = socket;
@@ -246,7 +240,7 @@ export class Qtest {
 
   /** Forget IRQ events seen so far (levels are kept). */
   clearIrqEvents(): void {
-    this.unconsumed.clear();
+    this.irqQueue.clear();
   }
 
   /**
@@ -255,29 +249,14 @@ export class Qtest {
    * beat the call is not missed; each event is returned at most once.
    */
   waitIrq(kind: "raise" | "lower", line: number, timeoutMs = this.timeoutMs): Promise<IrqEvent> {
-    for (const ev of this.unconsumed) {
-      if (ev.kind === kind && ev.line === line) {
-        this.unconsumed.delete(ev);
-        return Promise.resolve(ev);
-      }
-    }
-    return new Promise<IrqEvent>((resolve, reject) => {
-      const w: IrqWaiter = {
-        kind,
-        line,
-        resolve: (ev) => {
-          clearTimeout(timer);
-          this.irqWaiters.delete(w);
-          resolve(ev);
-        },
-      };
-      const timer = setTimeout(() => {
-        this.irqWaiters.delete(w);
+    return this.irqQueue.wait(
+      (ev) => ev.kind === kind && ev.line === line,
+      timeoutMs,
+      () => {
         const seen = this.events.slice(-8).map((e) => `${e.kind} ${e.line}`).join(", ") || "none";
-        reject(new QtestError(`qtest: no IRQ ${kind} ${line} within ${timeoutMs} ms (level now ${this.irqState(line) ? "high" : "low"}; last events: ${seen})`));
-      }, timeoutMs);
-      this.irqWaiters.add(w);
-    });
+        return new QtestError(`qtest: no IRQ ${kind} ${line} within ${timeoutMs} ms (level now ${this.irqState(line) ? "high" : "low"}; last events: ${seen})`);
+      },
+    );
   }
 
   // ---------------------------------------------------------------- lifecycle
@@ -333,13 +312,7 @@ export class Qtest {
         const ev: IrqEvent = { kind: m[1] as "raise" | "lower", line: Number(m[2]), seq: this.events.length, at: performance.now() };
         this.events.push(ev);
         this.levels.set(ev.line, ev.kind === "raise");
-        for (const w of this.irqWaiters) {
-          if (w.kind === ev.kind && w.line === ev.line) {
-            w.resolve(ev);
-            return;
-          }
-        }
-        this.unconsumed.add(ev);
+        this.irqQueue.push(ev);
         return;
       }
     }
