@@ -20,7 +20,7 @@ import type { SocketDma } from "../dma/dma-engine.ts";
 import type { Transport } from "../transport/types.ts";
 import type { HandlerTable, Reply, Request } from "./dispatcher.ts";
 import type { Endpoint } from "./endpoint.ts";
-import { commandAllowed } from "./command-rules.ts";
+import { commandAllowed, fdsAllowed } from "./command-rules.ts";
 import { LogLimiter } from "./log-limiter.ts";
 import type { Session } from "./session.ts";
 
@@ -171,6 +171,9 @@ export class Connection implements SocketDma {
     if (frame.fds.length > session.limits.maxMsgFds) {
       throw fail.inval(`${frame.fds.length} fds in one message; at most ${session.limits.maxMsgFds}`);
     }
+    // fds on a command that takes none are refused, not silently closed
+    const fdVerdict = fdsAllowed(header.command, frame.fds.length);
+    if (fdVerdict !== null) throw fdVerdict;
     const handler = this.opts.handlers.get(header.command);
     if (!handler) throw fail.notsup(`command ${COMMAND_NAMES[header.command] ?? header.command} is not supported`);
     const req: Request = {
