@@ -329,7 +329,7 @@ const stateRoundTrip: Check = {
   title: "saveState -> msgpack -> loadState on a fresh instance -> saveState is equal",
   async run(ctx) {
     const dut = ctx.start("dut");
-    const roundTrip = (label: string, state: unknown): void => {
+    const roundTrip = async (label: string, state: unknown): Promise<void> => {
       let packed: Uint8Array;
       try {
         packed = packState(state);
@@ -347,18 +347,23 @@ const stateRoundTrip: Check = {
       } catch (err) {
         ctx.fail(`${label}: loadState refused what saveState produced: ${(err as Error).message}`);
       } finally {
-        server.close();
+        await server.close();
       }
     };
-    roundTrip("power-on state", dut.device.saveState());
+    await roundTrip("power-on state", dut.device.saveState());
     await dut.connect();
     await exercise(dut, 7, { config: true });
     await dut.settle();
     const s = dut.device.saveState();
-    if (stateDifference(s, normalizeState(ctx.factory.create(ctx.options).saveState())) === null) {
-      ctx.note("the register writes left saveState at its power-on value");
+    const fresh = ctx.factory.create(ctx.options);
+    try {
+      if (stateDifference(s, normalizeState(fresh.saveState())) === null) {
+        ctx.note("the register writes left saveState at its power-on value");
+      }
+    } finally {
+      await fresh.dispose?.();
     }
-    roundTrip("state after register writes", s);
+    await roundTrip("state after register writes", s);
   },
 };
 

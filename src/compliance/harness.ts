@@ -139,7 +139,7 @@ export class DeviceUnderTest {
       c.close();
       await c.closedPromise;
     }
-    this.server.close();
+    await this.server.close();
     // let the server's side of the connection finish closing
     await nextTick();
   }

@@ -108,7 +108,7 @@ async function runCheck(check: Check, factory: DeviceFactory, opts: Required<Pic
 export async function runCompliance(factory: DeviceFactory, options: ComplianceOptions = {}): Promise<ComplianceReport> {
   const devOptions = options.options ?? {};
   // fail early and plainly on bad options
-  factory.create(devOptions);
+  await factory.create(devOptions).dispose?.();
   const unknown = (options.only ?? []).filter((id) => !CHECKS.some((c) => c.id === id));
   if (unknown.length > 0) throw new Error(`unknown check${unknown.length > 1 ? "s" : ""} ${unknown.join(", ")}; known: ${complianceCheckIds().join(", ")}`);
   const checks = options.only && options.only.length > 0 ? CHECKS.filter((c) => options.only!.includes(c.id)) : CHECKS;

@@ -178,6 +178,12 @@ export interface Device {
   loadState(state: StateValue): void;
   /** Large memory migrated with pre-copy, if any. */
   readonly precopyMemory?: PrecopyMemory;
+  /**
+   * Called once when the framework lets the device go (the server that
+   * attached it is closed, the compliance bench is done with it): stop
+   * timers, close files, so the process can exit. No access follows.
+   */
+  dispose?(): void | Promise<void>;
 }
 
 /** Options given on the command line as `--opt key=value`. */

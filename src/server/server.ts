@@ -95,10 +95,24 @@ export class VfioUserServer {
     return this.current;
   }
 
-  /** Stops listening, drops the client, removes the socket file. */
-  close(): void {
+  private disposed: Promise<void> | null = null;
+
+  /**
+   * Stops listening, drops the client, removes the socket file, and lets
+   * the device go (its `dispose` hook, once). Resolves when the device has
+   * finished disposing; a failing hook is logged, not thrown.
+   */
+  close(): Promise<void> {
     this.listener?.close();
     this.listener = null;
     this.current?.close();
+    this.disposed ??= (async () => {
+      try {
+        await this.opts.device.dispose?.();
+      } catch (err) {
+        this.log.error({ err: (err as Error).message }, "device dispose failed");
+      }
+    })();
+    return this.disposed;
   }
 }
