@@ -13,7 +13,7 @@
 
 type Cleanup = () => void | Promise<void>;
 
-const cleanups: { what: string; fn: Cleanup; exitCode: number | undefined }[] = [];
+const cleanups: { what: string | (() => string); fn: Cleanup; exitCode: number | undefined }[] = [];
 const closedListeners = new Set<() => void>();
 let outputClosed = false;
 let installed = false;
@@ -36,7 +36,7 @@ export function onOutputClosed(fn: () => void): () => void {
  * `exitCode` replaces 130/143 when this is the most recent entry (serve:
  * a signal is its normal way to stop, exit 0).
  */
-export function onInterrupt(what: string, fn: Cleanup, exitCode?: number): () => void {
+export function onInterrupt(what: string | (() => string), fn: Cleanup, exitCode?: number): () => void {
   const entry = { what, fn, exitCode };
   cleanups.push(entry);
   return () => {
@@ -61,14 +61,15 @@ async function interrupt(signal: NodeJS.Signals): Promise<void> {
   interrupted = true;
   const pending = cleanups.splice(0).reverse();
   const code = pending[0]?.exitCode ?? (signal === "SIGINT" ? 130 : 143);
-  const what = pending[0]?.what;
+  const top = pending[0]?.what;
+  const what = typeof top === "function" ? top() : top;
   say(`vfio-user-ts: interrupted (${signal})${what ? ` while ${what}` : ""}${pending.length > 0 ? "; cleaning up" : ""}`);
   const deadline = new Promise<void>((resolve) => setTimeout(resolve, 10_000).unref());
   for (const c of pending) {
     try {
       await Promise.race([c.fn(), deadline]);
     } catch (err) {
-      say(`vfio-user-ts: cleanup after ${c.what} failed: ${(err as Error).message}`);
+      say(`vfio-user-ts: cleanup failed: ${(err as Error).message}`);
     }
   }
   process.exit(code);
