@@ -11,7 +11,7 @@
  * the CLI registers it from there; Node versions that strip types load it
  * without.
  */
-import { existsSync, statSync } from "node:fs";
+import { existsSync, readFileSync, statSync } from "node:fs";
 import { createRequire } from "node:module";
 import path from "node:path";
 import { pathToFileURL } from "node:url";
@@ -38,16 +38,33 @@ export function isDevicePath(spec: string): boolean {
 
 let tsxRegistered = false;
 
+/** The ESM entry of tsx's API (tsx/esm/api) as installed from `from`, or null. */
+function tsxApi(from: string): string | null {
+  let cjs: string;
+  try {
+    cjs = createRequire(path.join(from, "noop.js")).resolve("tsx/esm/api");
+  } catch {
+    return null;
+  }
+  // require() resolves the CommonJS build; the ESM one is named by the package's exports
+  for (let dir = path.dirname(cjs); dir !== path.dirname(dir); dir = path.dirname(dir)) {
+    const manifest = path.join(dir, "package.json");
+    if (!existsSync(manifest)) continue;
+    const pkg = JSON.parse(readFileSync(manifest, "utf8")) as { name?: string; exports?: Record<string, { import?: { default?: string } | string }> };
+    if (pkg.name !== "tsx") continue;
+    const entry = pkg.exports?.["./esm/api"];
+    const rel = typeof entry === "object" ? (typeof entry.import === "string" ? entry.import : entry.import?.default) : undefined;
+    return rel ? path.join(dir, rel) : null;
+  }
+  return null;
+}
+
 /** Registers tsx found from `dir` (the device's project) or the working directory; false when there is none. */
 async function registerTsx(dir: string): Promise<boolean> {
   if (tsxRegistered) return true;
   for (const from of [dir, process.cwd()]) {
-    let api: string;
-    try {
-      api = createRequire(path.join(from, "noop.js")).resolve("tsx/esm/api");
-    } catch {
-      continue;
-    }
+    const api = tsxApi(from);
+    if (api === null) continue;
     const tsx = (await import(pathToFileURL(api).href)) as { register(): unknown };
     tsx.register();
     tsxRegistered = true;

@@ -24,9 +24,13 @@ export class UsageError extends Error {
 }
 
 /** node:util parseArgs, strict, with its errors turned into a UsageError for `command`. */
-export function parseCommandArgs<T extends ParseArgsConfig["options"]>(command: string, argv: readonly string[], options: T, allowPositionals = false) {
+type Options = NonNullable<ParseArgsConfig["options"]>;
+/** What parseArgs returns for these options. */
+export type ParsedArgs<T extends Options> = ReturnType<typeof parseArgs<{ options: T; strict: true; allowPositionals: true }>>;
+
+export function parseCommandArgs<T extends Options>(command: string, argv: readonly string[], options: T, allowPositionals = false): ParsedArgs<T> {
   try {
-    return parseArgs({ args: [...argv], options, strict: true, allowPositionals });
+    return parseArgs({ args: [...argv], options, strict: true, allowPositionals }) as ParsedArgs<T>;
   } catch (err) {
     // parseArgs messages can run over several lines ("... To specify a positional argument starting with a '-' ...")
     throw new UsageError((err as Error).message.split("\n")[0]!.replace(/\.\s.*$/, ""), command);
