@@ -613,6 +613,12 @@ export async function runDemoMigrate(opts: DemoOptions = {}): Promise<DemoResult
     rmSync(dir, { recursive: true, force: true });
   };
   const offInterrupt = onInterrupt(() => `demo migrate (${phase}); stopping both servers and removing ${dir}`, release);
+  // a second Ctrl-C exits at once: the servers and the directory go anyway
+  const atExit = () => {
+    for (const sv of servers) sv.child.kill("SIGKILL");
+    rmSync(dir, { recursive: true, force: true });
+  };
+  process.once("exit", atExit);
   try {
     const common = { dir, device: deviceSpec, deviceOptions: deviceOptionList(deviceOptions), p2p: opts.p2p };
     const spawned = await Promise.allSettled([spawnServer({ ...common, name: "source" }), spawnServer({ ...common, name: "destination" })]);
@@ -793,6 +799,7 @@ export async function runDemoMigrate(opts: DemoOptions = {}): Promise<DemoResult
     progress?.(null);
     offInterrupt();
     await release();
+    process.off("exit", atExit);
   }
   return result;
 }

@@ -184,6 +184,7 @@ mount -t devtmpfs devtmpfs /dev
 echo "vfio-user-ts guest: Linux $(uname -r) with busybox. PCI devices (vendor:device class):"
 for d in /sys/bus/pci/devices/*; do echo "  \${d##*/}  $(cat $d/vendor):$(cat $d/device)  $(cat $d/class)"; done
 echo "BARs: cat /sys/bus/pci/devices/ADDR/resource; registers: devmem ADDRESS 32 [VALUE]; drivers: insmod /lib/modules/uio.ko"
+if grep -q vfio_user_ts.batch /proc/cmdline; then echo "no terminal: powering off"; poweroff -f; fi
 echo "'exit' or 'poweroff -f' ends QEMU."
 setsid cttyhack sh || sh
 poweroff -f
@@ -221,8 +222,9 @@ Options:
   --socket PATH   the server's UNIX socket
   --mem SIZE      guest RAM (default 512M)
   --guest-kit     boot the Linux guest kit (docker/guest-kit.sh: Linux 6.12,
-                  busybox) with a shell on this terminal; it lists the PCI
-                  devices first
+                  busybox, TCG) with a shell on this terminal; it lists the
+                  PCI devices first (without a terminal it lists them and
+                  powers off)
   --dry-run       print the command instead of running it
   -h, --help      this text
 
@@ -236,24 +238,28 @@ interface Plan {
 }
 
 function plan(env: Exclude<QemuEnv, { mode: "none" }>, socket: string, mem: string, kit: boolean, extra: string[]): Plan {
+  const inside = env.mode === "root" ? insideRoot(env.root, socket) : null;
+  // with the host's /tmp bound over the root's, scratch files go in the host's /tmp, same path inside
+  const bindTmp = env.mode === "root" && inside === null && underTmp(socket);
+  const inRoot = env.mode === "root" && !bindTmp;
   let scratch: string | null = null;
   const scratchDir = (): string => {
-    scratch ??= mkdtempSync(path.join(env.mode === "root" ? path.join(env.root, "tmp") : (process.env.TMPDIR ?? "/tmp"), "vfio-user-qemu-"));
+    scratch ??= mkdtempSync(path.join(inRoot ? path.join((env as { root: string }).root, "tmp") : bindTmp ? "/tmp" : (process.env.TMPDIR ?? "/tmp"), "vfio-user-qemu-"));
     return scratch;
   };
+  /** A host path as QEMU sees it. */
+  const asSeen = (p: string) => (inRoot ? (insideRoot((env as { root: string }).root, p) ?? p) : p);
   const binds: string[] = [];
   let seen = socket;
   if (env.mode === "root") {
-    const inside = insideRoot(env.root, socket);
     if (inside !== null) seen = inside;
-    else if (underTmp(socket)) binds.push("/tmp");
+    else if (bindTmp) binds.push("/tmp");
     else {
       // the socket's directory on a fresh mount point under the root's tmp/
       const mountPoint = path.join(scratchDir(), "socket-dir");
       mkdirSync(mountPoint);
-      const inner = insideRoot(env.root, mountPoint)!;
-      binds.push(`${path.dirname(socket)}:${inner}`);
-      seen = path.join(inner, path.basename(socket));
+      binds.push(`${path.dirname(socket)}:${asSeen(mountPoint)}`);
+      seen = path.join(asSeen(mountPoint), path.basename(socket));
     }
   }
   const args = qemuArgs(seen, mem);
@@ -264,9 +270,12 @@ function plan(env: Exclude<QemuEnv, { mode: "none" }>, socket: string, mem: stri
     }
     const initrd = path.join(scratchDir(), "initrd.gz");
     writeInitrd(dir, initrd);
-    const asSeen = (p: string) => (env.mode === "root" ? (insideRoot(env.root, p) ?? p) : p);
-    args[1] = existsSync("/dev/kvm") ? "q35,accel=kvm:tcg" : "q35,accel=tcg";
-    args.push("-kernel", asSeen(path.join(dir, "vmlinuz")), "-initrd", asSeen(initrd), "-append", "console=ttyS0 quiet panic=-1", "-serial", "mon:stdio", "-no-reboot");
+    // TCG, as the e2e tests boot it: KVM under nested virtualisation is not always sound
+    args[1] = "q35,accel=tcg";
+    const kernel = env.mode === "root" ? (insideRoot(env.root, path.join(dir, "vmlinuz")) ?? path.join(dir, "vmlinuz")) : path.join(dir, "vmlinuz");
+    // without a terminal there is nobody to type: the guest lists its devices and powers off
+    const append = `console=ttyS0 quiet panic=-1${process.stdin.isTTY ? "" : " vfio_user_ts.batch=1"}`;
+    args.push("-kernel", kernel, "-initrd", asSeen(initrd), "-append", append, "-serial", "mon:stdio", "-no-reboot");
   } else if (process.stdin.isTTY && !extra.some((a) => a === "-monitor" || a === "-serial" || a === "-nographic")) {
     args.push("-monitor", "stdio");
   }
@@ -322,6 +331,8 @@ export async function qemuMain(argv: string[]): Promise<number> {
   const cleanup = () => {
     if (p.scratch) rmSync(p.scratch, { recursive: true, force: true });
   };
+  // also on a second Ctrl-C, which exits without waiting
+  process.once("exit", cleanup);
   const off = onInterrupt("running QEMU", async () => {
     child.kill("SIGTERM");
     await done;
