@@ -110,7 +110,7 @@ export function describeMigration(r: { status: string; info: MigrateInfo; wallMs
   const mib = (n: number | undefined) => (n === undefined ? "?" : `${(n / 1048576).toFixed(1)} MiB`);
   return (
     `${r.status} in ${r.wallMs.toFixed(0)} ms wall (QEMU total-time ${i["total-time"] ?? "?"} ms, downtime ${i.downtime ?? "?"} ms, ` +
-    `setup ${i["setup-time"] ?? "?"} ms), RAM ${mib(i.ram?.transferred)} (${i.ram?.["dirty-sync-count"] ?? "?"} dirty syncs), device ${mib(i.vfio?.transferred)}` +
+    `setup ${i["setup-time"] ?? "?"} ms), stream ${mib(i.ram?.transferred)} (${i.ram?.normal ?? "?"} RAM pages sent, ${i.ram?.["dirty-sync-count"] ?? "?"} dirty syncs), device ${mib(i.vfio?.transferred)}` +
     (i["error-desc"] ? `; error: ${i["error-desc"]}` : "")
   );
 }
