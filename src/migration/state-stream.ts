@@ -352,8 +352,9 @@ export interface StateStreamReaderOptions {
   /** Largest payload accepted per record (default DEFAULT_MAX_RECORD_LENGTH). */
   readonly maxRecordLength?: number;
   /**
-   * Receive each record (after the HEADER) once its CRC matched, instead of
-   * collecting it; keeps memory bounded by one record. A record delivered
+   * Receive each record, the HEADER first, once its CRC matched, instead of
+   * collecting it; keeps memory bounded by one record. (A consumer judges
+   * the HEADER here, before any MEMORY record can be applied.) A record delivered
    * here may still be followed by a damaged one: the stream is only known
    * good when finish() returns. An error thrown here fails the stream.
    */
@@ -551,6 +552,8 @@ export class StateStreamReader {
     const record = this.#decode(kind, payload);
     if (record.kind === RecordKind.HEADER) {
       this.#header = record.header;
+      // a streaming consumer judges the HEADER the moment it arrives (device type and version)
+      this.#onRecord?.(record);
       return;
     }
     if (this.#onRecord) this.#onRecord(record);

@@ -103,6 +103,7 @@ export async function handleDeviceFeature(req: Request): Promise<Reply> {
     }
 
     case Feature.DMA_LOGGING_STOP:
+      if (ep.dirtyLog) req.log.info("DMA logging stopped");
       ep.stopDirtyLog();
       return echo();
 

@@ -6,8 +6,22 @@
  * is in its log). `states(server)` reads the migration state sequence a
  * server went through from that log. No vitest here.
  */
-import type { CliServer, LogRecord } from "./server.ts";
+import type { CliServer, LogCapture, LogRecord, ServerHandle } from "./server.ts";
 import { spawnCliServer } from "./server.ts";
+
+/** Either kind of server, as the pair uses it. */
+export interface ServerSide {
+  readonly socketPath: string;
+  readonly log: LogCapture;
+  problems(mark?: number): LogRecord[];
+  stop(): Promise<unknown>;
+  stderr?(): string;
+}
+
+/** An in-process server (startServer) as a ServerSide. */
+export function inProcess(h: ServerHandle): ServerSide {
+  return { socketPath: h.socketPath, log: h.log, problems: (m) => h.problems(m), stop: async () => h.close(), stderr: () => h.log.tail(200) };
+}
 import { startQemu, type QemuInstance, type StartQemuOptions } from "./qemu.ts";
 import { makeSharedDir, type QemuBuild, type SharedDir } from "./shared-dir.ts";
 
@@ -21,6 +35,8 @@ export interface PairOptions {
   /** More `serve` arguments for both, e.g. `["--opt", "size=64M"]` or `["--p2p"]`. */
   serverArgs?: string[];
   destinationServerArgs?: string[];
+  /** A destination server of the test's own instead of a `serve` process (e.g. one with a fault). */
+  destinationServer?: (dir: SharedDir) => ServerSide;
   memMiB?: number;
   /** Extra vfio-user-pci properties for both QEMUs. */
   deviceProps?: Record<string, unknown>;
@@ -32,7 +48,7 @@ export class MigrationPair {
   src!: QemuInstance;
   dst!: QemuInstance;
   srvA!: CliServer;
-  srvB!: CliServer;
+  srvB!: ServerSide;
   readonly dir: SharedDir;
   private readonly opts: PairOptions;
 
@@ -45,12 +61,14 @@ export class MigrationPair {
   async startSource(): Promise<void> {
     const base = ["--trace", "--log-level", "debug"];
     this.srvA = await spawnCliServer({ dir: this.dir, name: "a.sock", device: this.opts.device ?? "edu", args: [...base, ...(this.opts.serverArgs ?? [])] });
-    this.srvB = await spawnCliServer({
-      dir: this.dir,
-      name: "b.sock",
-      device: this.opts.destinationDevice ?? this.opts.device ?? "edu",
-      args: [...base, ...(this.opts.destinationServerArgs ?? this.opts.serverArgs ?? [])],
-    });
+    this.srvB = this.opts.destinationServer
+      ? this.opts.destinationServer(this.dir)
+      : await spawnCliServer({
+          dir: this.dir,
+          name: "b.sock",
+          device: this.opts.destinationDevice ?? this.opts.device ?? "edu",
+          args: [...base, ...(this.opts.destinationServerArgs ?? this.opts.serverArgs ?? [])],
+        });
     this.src = await startQemu(this.qemuOptions(this.srvA.socketPath));
   }
 
@@ -91,13 +109,13 @@ export class MigrationPair {
       this.src ? `--- source QEMU stderr ---\n${tail(this.src.stderr())}` : "",
       this.dst ? `--- destination QEMU stderr ---\n${tail(this.dst.stderr())}` : "",
       this.srvA ? `--- server A ---\n${tail(this.srvA.stderr())}` : "",
-      this.srvB ? `--- server B ---\n${tail(this.srvB.stderr())}` : "",
+      this.srvB ? `--- server B ---\n${tail(this.srvB.stderr?.() ?? this.srvB.log.tail(200))}` : "",
     ].join("\n");
   }
 }
 
 /** "FROM->NOW" for each MIG_DEVICE_STATE SET the server logged after `mark`. */
-export function states(server: CliServer, mark = 0): string[] {
+export function states(server: { log: LogCapture }, mark = 0): string[] {
   return server.log
     .records(mark)
     .filter((r) => r.msg === "migration state")
@@ -105,12 +123,12 @@ export function states(server: CliServer, mark = 0): string[] {
 }
 
 /** Records of the server after `mark` whose msg matches. */
-export function logged(server: CliServer, re: RegExp, mark = 0): LogRecord[] {
+export function logged(server: { log: LogCapture }, re: RegExp, mark = 0): LogRecord[] {
   return server.log.records(mark).filter((r) => re.test(r.msg));
 }
 
 /** Commands the server received after `mark` (from --trace), by name. */
-export function commandCounts(server: CliServer, mark = 0): Record<string, number> {
+export function commandCounts(server: { log: LogCapture }, mark = 0): Record<string, number> {
   const out: Record<string, number> = {};
   for (const r of server.log.records(mark)) if (r.msg === "recv") out[String(r.cmd)] = (out[String(r.cmd)] ?? 0) + 1;
   return out;
