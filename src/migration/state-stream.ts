@@ -363,6 +363,19 @@ export interface StateStreamReaderOptions {
 
 type Phase = "preamble" | "recordHeader" | "payload" | "crc" | "ended";
 
+/** Bytes a STATE record holding `value` takes in the stream (framing included). */
+export function stateRecordSize(value: unknown): number {
+  return RECORD_HEADER_SIZE + packr.pack(value).byteLength + RECORD_CRC_SIZE;
+}
+
+/** Bytes of a stream's start: the preamble and the HEADER record for `meta`. */
+export function streamStartSize(meta: StreamHeader): number {
+  return PREAMBLE_SIZE + RECORD_HEADER_SIZE + packr.pack(meta).byteLength + RECORD_CRC_SIZE;
+}
+
+/** Bytes of the END record. */
+export const END_RECORD_SIZE = RECORD_HEADER_SIZE + RECORD_CRC_SIZE;
+
 /**
  * Destination side. Fed in chunks of any size; every error is a
  * VfioUserError with EINVAL, thrown at the first byte that proves it (or by
