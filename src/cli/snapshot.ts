@@ -12,10 +12,10 @@
  * A refused stream (another device type or state version, a damaged file)
  * fails RESUMING -> STOP with EINVAL and the device enters ERROR, which VFIO
  * leaves only through DEVICE_RESET. restore therefore resets the device, so
- * it is RUNNING again in its power-on state, and exits 1 with the reason;
- * with --no-reset it leaves the device in ERROR for inspection. Either way
- * the state the device had before the restore is gone: entering RESUMING
- * already promised to replace it.
+ * it is RUNNING again in its power-on state, and exits 1 with the reason
+ * (the server would reset a device left in ERROR anyway when the client
+ * goes). The state the device had before the restore is gone: entering
+ * RESUMING already promised to replace it.
  *
  * The file is the stream as the server produced it (see
  * src/migration/state-stream.ts); nothing is added around it.
@@ -187,8 +187,6 @@ export async function snapshotSave(socket: string, file: string): Promise<Snapsh
 }
 
 export interface RestoreOptions {
-  /** DEVICE_RESET after a refused stream so the device runs again (default true). */
-  reset?: boolean;
   /**
    * Check the file (inspectSnapshot) and the device's type and state version
    * before anything is sent, so a bad file leaves the device as it was
@@ -260,16 +258,9 @@ export async function snapshotRestore(socket: string, file: string, opts: Restor
     } catch (verdict) {
       if (verdict instanceof ConnectionClosedError) throw verdict;
       const errno = verdict instanceof VfioUserError ? verdict.errno : undefined;
-      let after: MigStateValue | undefined;
-      let what: string;
-      if (opts.reset ?? true) {
-        await client.reset();
-        after = await client.getMigState();
-        what = `the device was reset and is ${stateName(after)} in its power-on state`;
-      } else {
-        after = await client.getMigState().catch(() => undefined);
-        what = `the device is left in ${after !== undefined ? stateName(after) : "an unknown state"}; DEVICE_RESET recovers it`;
-      }
+      await client.reset();
+      const after = await client.getMigState();
+      const what = `the device was reset and is ${stateName(after)} in its power-on state`;
       const why =
         errno !== Errno.EINVAL
           ? describe(verdict)
@@ -292,7 +283,7 @@ export async function snapshotRestore(socket: string, file: string, opts: Restor
 }
 
 export const SNAPSHOT_USAGE = `Usage: vfio-user-ts snapshot save --socket PATH --file FILE
-       vfio-user-ts snapshot restore --socket PATH --file FILE [--no-reset] [--no-check]
+       vfio-user-ts snapshot restore --socket PATH --file FILE [--no-check]
        vfio-user-ts snapshot inspect --file FILE
 
 save     stops the device, writes its migration stream to FILE, runs it again
@@ -301,14 +292,12 @@ restore  checks FILE (every record's CRC, complete, nothing after its end) and
          (RESUMING -> STOP) and runs the device. A file that fails the checks
          is refused with its reason and the device is left as it was. A file
          the device itself refuses (its loadState) exits 1; the device is then
-         reset to its power-on state and runs, unless --no-reset leaves it in
-         ERROR ('vfio-user-ts reset' recovers it).
+         reset to its power-on state and runs.
 inspect  the checks alone: device type, state version, records, bytes
 
 Options:
   --socket PATH   the server's UNIX socket (no other client may be attached)
   --file FILE     snapshot file
-  --no-reset      restore: leave a device that refused the file in ERROR
   --no-check      restore: send the file unchecked; the server's verdict decides
   -h, --help      this text`;
 
@@ -319,7 +308,6 @@ export async function snapshotMain(argv: string[]): Promise<number> {
     {
       socket: { type: "string" },
       file: { type: "string" },
-      "no-reset": { type: "boolean", default: false },
       "no-check": { type: "boolean", default: false },
       help: { type: "boolean", short: "h", default: false },
     },
@@ -336,7 +324,6 @@ export async function snapshotMain(argv: string[]): Promise<number> {
   if (extra.length > 0) throw new UsageError(`unexpected argument '${extra[0]}'`, "snapshot");
   if (!values.socket && action !== "inspect") throw new UsageError(`snapshot ${action} needs --socket PATH`, "snapshot");
   if (!values.file) throw new UsageError(`snapshot ${action} needs --file FILE`, "snapshot");
-  if (action !== "restore" && values["no-reset"]) throw new UsageError("--no-reset applies to restore only", "snapshot");
   if (action !== "restore" && values["no-check"]) throw new UsageError("--no-check applies to restore only", "snapshot");
   const off = onInterrupt(`snapshot ${action} of ${values.file}`, () => rmSync(`${values.file}.partial`, { force: true }));
   try {
@@ -348,7 +335,7 @@ export async function snapshotMain(argv: string[]): Promise<number> {
       const r = await snapshotSave(values.socket!, values.file);
       console.log(`saved ${r.bytes} bytes of device state to ${values.file} in ${r.ms.toFixed(0)} ms`);
     } else {
-      const r = await snapshotRestore(values.socket!, values.file, { reset: !values["no-reset"], check: !values["no-check"] });
+      const r = await snapshotRestore(values.socket!, values.file, { check: !values["no-check"] });
       console.log(`restored ${r.bytes} bytes of device state from ${values.file} in ${r.ms.toFixed(0)} ms; the device is RUNNING`);
     }
     return 0;
