@@ -24,7 +24,7 @@ import { closeSync, openSync, readSync, renameSync, rmSync, writeSync, fstatSync
 import { Errno, MigState, type MigState as MigStateValue } from "../../protocol/constants.ts";
 import { VfioUserError, errnoName } from "../../protocol/errors.ts";
 import { ConnectionClosedError, stateName, type VfioUserClient } from "../client/client.ts";
-import { StateStreamReader, type StreamHeader } from "../migration/state-stream.ts";
+import { RecordKind, StateStreamReader, type StreamHeader } from "../migration/state-stream.ts";
 import { connectToServer } from "./connect.ts";
 import { onInterrupt } from "./io.ts";
 import { CommandError } from "./qemu.ts";
@@ -83,7 +83,8 @@ export function inspectSnapshot(file: string): SnapshotInfo {
     throw new SnapshotError(`cannot open ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
   }
   let records = 0;
-  const reader = new StateStreamReader({ onRecord: () => void records++ });
+  // HEADER records may come through onRecord too: count the others
+  const reader = new StateStreamReader({ onRecord: (r) => void (r.kind !== RecordKind.HEADER && records++) });
   const buf = Buffer.allocUnsafe(CHUNK);
   try {
     for (let at = 0; ; ) {
