@@ -86,78 +86,56 @@ function featureData(flags: number, data: Uint8Array, reply: boolean): Fields {
   }
 }
 
-function request(command: number, body: Uint8Array): Fields {
-  switch (command) {
-    case Command.VERSION: {
-      const v = decodeVersion(body);
-      return { major: v.major, minor: v.minor, caps: v.data };
-    }
-    case Command.DMA_MAP:
-      return flatten(decodeDmaMapRequest(body) as unknown as Record<string, unknown>);
-    case Command.DMA_UNMAP:
-      return flatten(decodeDmaUnmapRequest(body) as unknown as Record<string, unknown>);
-    case Command.DEVICE_GET_REGION_INFO:
-      return flatten(decodeDeviceGetRegionInfoRequest(body) as unknown as Record<string, unknown>);
-    case Command.DEVICE_GET_IRQ_INFO:
-      return flatten(decodeDeviceGetIrqInfoRequest(body) as unknown as Record<string, unknown>);
-    case Command.DEVICE_SET_IRQS:
-      return flatten(decodeDeviceSetIrqsRequest(body) as unknown as Record<string, unknown>);
-    case Command.REGION_READ:
-      return flatten(decodeRegionReadRequest(body) as unknown as Record<string, unknown>);
-    case Command.REGION_WRITE:
-      return flatten(decodeRegionWriteRequest(body) as unknown as Record<string, unknown>);
-    case Command.REGION_WRITE_MULTI:
-      return flatten(decodeRegionWriteMultiRequest(body) as unknown as Record<string, unknown>);
-    case Command.DMA_READ:
-      return flatten(decodeDmaReadRequest(body) as unknown as Record<string, unknown>);
-    case Command.DMA_WRITE:
-      return flatten(decodeDmaWriteRequest(body) as unknown as Record<string, unknown>);
-    case Command.DEVICE_FEATURE: {
-      const f = decodeDeviceFeatureRequest(body);
-      return { argsz: f.argsz, ...featureName(f.flags), ...featureData(f.flags, f.data, false) };
-    }
-    case Command.MIG_DATA_READ:
-      return flatten(decodeMigDataReadRequest(body) as unknown as Record<string, unknown>);
-    case Command.MIG_DATA_WRITE:
-      return flatten(decodeMigDataWriteRequest(body) as unknown as Record<string, unknown>);
-    default:
-      return {};
-  }
-}
+type Decoder = (body: Uint8Array) => object;
 
-function reply(command: number, body: Uint8Array): Fields {
-  switch (command) {
-    case Command.VERSION: {
-      const v = decodeVersion(body);
-      return { major: v.major, minor: v.minor, caps: v.data };
-    }
-    case Command.DEVICE_GET_INFO:
-      return flatten(decodeDeviceGetInfoReply(body) as unknown as Record<string, unknown>);
-    case Command.DEVICE_GET_REGION_INFO:
-      return flatten(decodeDeviceGetRegionInfoReply(body) as unknown as Record<string, unknown>);
-    case Command.DEVICE_GET_IRQ_INFO:
-      return flatten(decodeDeviceGetIrqInfoReply(body) as unknown as Record<string, unknown>);
-    case Command.REGION_READ:
-      return flatten(decodeRegionReadReply(body) as unknown as Record<string, unknown>);
-    case Command.DMA_READ:
-      return flatten(decodeDmaReadReply(body) as unknown as Record<string, unknown>);
-    case Command.DEVICE_FEATURE: {
-      const f = decodeDeviceFeatureReply(body);
-      return { ...featureName(f.flags), ...featureData(f.flags, f.data, true) };
-    }
-    case Command.MIG_DATA_READ:
-      return flatten(decodeMigDataReadReply(body) as unknown as Record<string, unknown>);
-    case Command.MIG_GET_PRECOPY_INFO:
-      return flatten(decodeMigGetPrecopyInfoReply(body) as unknown as Record<string, unknown>);
-    default:
-      return {};
-  }
-}
+const version: Decoder = (body) => {
+  const v = decodeVersion(body);
+  return { major: v.major, minor: v.minor, caps: v.data };
+};
+
+/** Requests: command -> decoder (commands with an empty body have none). */
+const REQUESTS: Readonly<Record<number, Decoder>> = {
+  [Command.VERSION]: version,
+  [Command.DMA_MAP]: decodeDmaMapRequest,
+  [Command.DMA_UNMAP]: decodeDmaUnmapRequest,
+  [Command.DEVICE_GET_REGION_INFO]: decodeDeviceGetRegionInfoRequest,
+  [Command.DEVICE_GET_IRQ_INFO]: decodeDeviceGetIrqInfoRequest,
+  [Command.DEVICE_SET_IRQS]: decodeDeviceSetIrqsRequest,
+  [Command.REGION_READ]: decodeRegionReadRequest,
+  [Command.REGION_WRITE]: decodeRegionWriteRequest,
+  [Command.REGION_WRITE_MULTI]: decodeRegionWriteMultiRequest,
+  [Command.DMA_READ]: decodeDmaReadRequest,
+  [Command.DMA_WRITE]: decodeDmaWriteRequest,
+  [Command.DEVICE_FEATURE]: (body) => {
+    const f = decodeDeviceFeatureRequest(body);
+    return { argsz: f.argsz, ...featureName(f.flags), ...featureData(f.flags, f.data, false) };
+  },
+  [Command.MIG_DATA_READ]: decodeMigDataReadRequest,
+  [Command.MIG_DATA_WRITE]: decodeMigDataWriteRequest,
+};
+
+/** Replies with a payload: command -> decoder. */
+const REPLIES: Readonly<Record<number, Decoder>> = {
+  [Command.VERSION]: version,
+  [Command.DEVICE_GET_INFO]: decodeDeviceGetInfoReply,
+  [Command.DEVICE_GET_REGION_INFO]: decodeDeviceGetRegionInfoReply,
+  [Command.DEVICE_GET_IRQ_INFO]: decodeDeviceGetIrqInfoReply,
+  [Command.REGION_READ]: decodeRegionReadReply,
+  [Command.DMA_READ]: decodeDmaReadReply,
+  [Command.DEVICE_FEATURE]: (body) => {
+    const f = decodeDeviceFeatureReply(body);
+    return { ...featureName(f.flags), ...featureData(f.flags, f.data, true) };
+  },
+  [Command.MIG_DATA_READ]: decodeMigDataReadReply,
+  [Command.MIG_GET_PRECOPY_INFO]: decodeMigGetPrecopyInfoReply,
+};
 
 /** The decoded fields of a request (or, with `isReply`, a reply; error replies have none). */
 export function traceFields(command: number, body: Uint8Array, isReply = false): Fields {
+  const decode = (isReply ? REPLIES : REQUESTS)[command];
+  if (decode === undefined) return {};
   try {
-    return isReply ? reply(command, body) : request(command, body);
+    return flatten(decode(body) as Record<string, unknown>);
   } catch (err) {
     return { decodeError: (err as Error).message };
   }
