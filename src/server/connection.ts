@@ -32,6 +32,11 @@ import type { Session } from "./session.ts";
  */
 const REPLY_COPY_MAX = 4096;
 
+/** The spec's name of a command, or its number when it has none. */
+function cmdName(command: number): string | number {
+  return COMMAND_NAMES[command] ?? command;
+}
+
 
 export interface ConnectionOptions {
   transport: Transport;
@@ -52,6 +57,11 @@ export class Connection implements SocketDma {
   private readonly queue: Frame[] = [];
   private busy = false;
   private closed = false;
+  /** A handler asked for the connection to end after its reply (closeAfterReply). */
+  private closeAfterReply = false;
+  private readonly closeAfterReplyFn = (): void => {
+    this.closeAfterReply = true;
+  };
   /** This server's DMA_READ / DMA_WRITE requests awaiting the client's reply. */
   private readonly pending: PendingRequests;
   private readonly log: Logger;
@@ -106,7 +116,7 @@ export class Connection implements SocketDma {
       // spec-level framing fault: this connection cannot be trusted to resynchronise
       const h = err instanceof FrameError ? err.header : undefined;
       this.log.error(
-        { err: (err as Error).message, msgId: h?.msgId, cmd: h ? (COMMAND_NAMES[h.command] ?? h.command) : undefined, size: h?.size },
+        { err: (err as Error).message, msgId: h?.msgId, cmd: h ? cmdName(h.command) : undefined, size: h?.size },
         "bad frame; closing the connection",
       );
       // the failing chunk's fds and any that came with the unfinished frame stay with the decoder
@@ -121,7 +131,7 @@ export class Connection implements SocketDma {
       this.onReply(frame);
       return;
     }
-    if (this.trace) this.log.info({ msgId: h.msgId, cmd: COMMAND_NAMES[h.command], size: h.size, fds: frame.fds.length }, "recv");
+    if (this.trace) this.log.info({ msgId: h.msgId, cmd: cmdName(h.command), size: h.size, fds: frame.fds.length }, "recv");
     if (!this.busy && this.queue.length === 0 && !this.closed && !this.opts.transport.congested) {
       // the common case: nothing waiting, so run it now (what pump() would do, minus the queue)
       this.run(frame);
@@ -175,7 +185,10 @@ export class Connection implements SocketDma {
     const fdVerdict = fdsAllowed(header.command, frame.fds.length);
     if (fdVerdict !== null) throw fdVerdict;
     const handler = this.opts.handlers.get(header.command);
-    if (!handler) throw fail.notsup(`command ${COMMAND_NAMES[header.command] ?? header.command} is not supported`);
+    // a command this server does not know (a newer client probing, or garbage
+    // with a sane size): refused, the session goes on (libvfio-user answers
+    // EINVAL; ENOSYS tells "no such command" from "bad arguments")
+    if (!handler) throw fail.nosys(`command ${COMMAND_NAMES[header.command] ?? header.command} is not implemented`);
     const req: Request = {
       header,
       body: frame.body,
@@ -185,11 +198,20 @@ export class Connection implements SocketDma {
       log: this.log,
       socketDma: this,
       logLimited: this.logLimitedFn,
+      closeAfterReply: this.closeAfterReplyFn,
     };
     return handler(req);
   }
 
   private finish(frame: Frame, result: Reply | null, err: unknown): void {
+    this.reply(frame, result, err);
+    if (this.closeAfterReply && !this.closed) {
+      this.log.info({ msgId: frame.header.msgId, cmd: cmdName(frame.header.command) }, "closing the connection after the reply");
+      this.opts.transport.close();
+    }
+  }
+
+  private reply(frame: Frame, result: Reply | null, err: unknown): void {
     // fds the handler did not take are ours to close
     if (frame.fds.length > 0) {
       for (const fd of frame.fds) this.opts.closeFd(fd);
@@ -200,10 +222,10 @@ export class Connection implements SocketDma {
     if (err !== null) {
       const errno = errnoOf(err);
       if (!(err instanceof VfioUserError)) {
-        this.logLimited("error", { err, msgId: h.msgId, cmd: COMMAND_NAMES[h.command] }, "handler failed unexpectedly");
+        this.logLimited("error", { err, msgId: h.msgId, cmd: cmdName(h.command) }, "handler failed unexpectedly");
       } else {
         if (this.log.isLevelEnabled("debug")) {
-          this.logLimited("debug", { msgId: h.msgId, cmd: COMMAND_NAMES[h.command], errno, reason: err.message }, "request refused");
+          this.logLimited("debug", { msgId: h.msgId, cmd: cmdName(h.command), errno, reason: err.message }, "request refused");
         }
       }
       if (!noReply) this.sendError(h, errno);
@@ -223,7 +245,7 @@ export class Connection implements SocketDma {
     let size = HEADER_SIZE;
     for (let i = 0; i < parts.length; i++) size += parts[i]!.length;
     h.size = size;
-    if (this.trace) this.log.info({ msgId: h.msgId, cmd: COMMAND_NAMES[h.command], size, errno: h.error || undefined }, "send");
+    if (this.trace) this.log.info({ msgId: h.msgId, cmd: cmdName(h.command), size, errno: h.error || undefined }, "send");
     if (size <= REPLY_COPY_MAX) {
       // one buffer, reused: header and parts copied in, sent as one iovec
       const buf = this.replyBuf;
@@ -249,7 +271,7 @@ export class Connection implements SocketDma {
   private onReply(frame: Frame): void {
     for (const fd of frame.fds) this.opts.closeFd(fd); // spec: no fds expected in DMA replies
     if (!this.pending.settle(frame)) {
-      this.logLimited("warn", { msgId: frame.header.msgId, cmd: COMMAND_NAMES[frame.header.command] }, "reply to no request of ours; ignored");
+      this.logLimited("warn", { msgId: frame.header.msgId, cmd: cmdName(frame.header.command) }, "reply to no request of ours; ignored");
     }
   }
 

@@ -52,11 +52,11 @@ describe("refusals are logged with msgId, command and errno (debug level)", () =
     await eventually(() => srv.server.connection === null);
     const c = await RawClient.ready(srv.socketPath);
     const before = srv.logs.length;
-    c.sendRaw(frameBytes({ msgId: 0x99, command: 77, flags: 0, error: 0 }));
+    c.sendRaw(frameBytes({ msgId: 0x99, command: 77, size: 8, flags: 0, error: 0 }));
     await c.waitClosed();
     const lines = srv.logs.slice(before).filter((l) => l.msg === "bad frame; closing the connection");
     expect(lines).toHaveLength(1);
-    expect(String(lines[0]!.err)).toMatch(/unknown command 77/);
+    expect(String(lines[0]!.err)).toMatch(/message size 8 is smaller than the 16-byte header/);
     expect(lines[0]!.level).toBe(50);
     // Not asserted, reported: the line does not carry the header's msgId / cmd / size as fields
     // (FrameError.header has them); only the text of the reason.

@@ -177,7 +177,16 @@ describe("VERSION and ordering", () => {
   it("data not JSON -> EINVAL", () => fresh(async (x) => expect(await x.errno(Command.VERSION, versionBody("{not json"))).toBe(EINVAL)));
   it("a capability out of range (max_data_xfer_size 0) -> EINVAL", () =>
     fresh(async (x) => expect(await x.errno(Command.VERSION, versionBody({ capabilities: { max_data_xfer_size: 0 } }))).toBe(EINVAL)));
-  it("major 1 -> ENOTSUP", () => fresh(async (x) => expect(await x.errno(Command.VERSION, le().u16(1).u16(0).buf)).toBe(ENOTSUP)));
+  it("major 1 -> ENOTSUP, then the server closes the connection", async () => {
+    c.close();
+    await c.waitClosed();
+    await expectEventuallyFree();
+    const x = RawClient.connect(srv.socketPath);
+    expect(await x.errno(Command.VERSION, le().u16(1).u16(0).buf)).toBe(ENOTSUP);
+    await x.waitClosed();
+    await expectEventuallyFree();
+    c = await RawClient.ready(srv.socketPath);
+  });
   it("VERSION with an fd -> EINVAL, fd closed", () =>
     fresh(async (x) => {
       const { fds, names } = makeFds(["memfd"]);

@@ -43,7 +43,13 @@ export async function handleDeviceFeature(req: Request): Promise<Reply> {
   // kernel (vfio_check_feature): PROBE alone asks whether the feature exists (QEMU probes DMA_LOGGING_START so)
   if (ops === 0 && (f.flags & FeatureFlags.PROBE) === 0) throw fail.inval("DEVICE_FEATURE without GET or SET");
   if ((ops & ~supported) !== 0) throw fail.inval(`device feature ${feature} does not support ${ops & FeatureFlags.SET ? "SET" : "GET"}`);
-  // spec: the reply to SET or PROBE is the request payload
+  // spec: the reply to SET or PROBE is the request payload, and argsz is the
+  // most the client takes back: a SET whose payload does not fit is refused
+  // before it changes anything (libvfio-user; the kernel's vfio_check_feature
+  // refuses an argsz short of the feature's struct)
+  if ((ops & FeatureFlags.SET) !== 0 && f.argsz < FIXED + f.data.length) {
+    throw fail.inval(`DEVICE_FEATURE SET argsz ${f.argsz} is smaller than its ${FIXED + f.data.length}-byte payload`);
+  }
   const echo = (): Reply => ({ parts: encodeDeviceFeatureParts({ argsz: FIXED + f.data.length, flags: f.flags, data: f.data }) });
   if (f.flags & FeatureFlags.PROBE) return echo();
 

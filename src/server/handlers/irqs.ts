@@ -32,6 +32,14 @@ export function handleDeviceSetIrqs(req: Request): Reply {
   // spec (VFIO): exactly one data type and one action
   if (!oneBit(data) || !oneBit(action)) throw fail.inval(`SET_IRQS flags 0x${s.flags.toString(16)}: need one data type and one action`);
   if (s.index >= IrqIndex.NUM_IRQS) throw fail.inval(`IRQ index ${s.index} does not exist`);
+  // kernel (vfio_set_irqs_validate_and_prepare) and libvfio-user: an index
+  // without vectors takes no SET_IRQS at all, and count 0 means "the whole
+  // index" only from start 0 with DATA_NONE + TRIGGER
+  if (irq.counts[s.index] === 0) throw fail.inval(`IRQ index ${s.index} has no vectors`);
+  if (s.count === 0 && s.start !== 0) throw fail.inval(`SET_IRQS count 0 with start ${s.start}`);
+  if (s.count === 0 && (data !== IrqSetFlags.DATA_NONE || action !== IrqSetFlags.ACTION_TRIGGER)) {
+    throw fail.inval("SET_IRQS count 0 is only DATA_NONE + ACTION_TRIGGER (disable the index)");
+  }
 
   if (data === IrqSetFlags.DATA_EVENTFD) {
     if (action === IrqSetFlags.ACTION_TRIGGER) {

@@ -8,7 +8,12 @@ import { reply, type Reply, type Request } from "../dispatcher.ts";
 export function handleVersion(req: Request): Reply {
   const v = decodeVersion(req.body);
   // spec: the server must support the client's major version, and answers with a minor <= the proposed one
-  if (v.major !== PROTOCOL_MAJOR) throw fail.notsup(`protocol major ${v.major} is not supported (this server speaks ${PROTOCOL_MAJOR})`);
+  if (v.major !== PROTOCOL_MAJOR) {
+    // spec: the server "closes the connection if it cannot support the advertised version";
+    // the error reply goes out first so the client learns why
+    req.closeAfterReply();
+    throw fail.notsup(`protocol major ${v.major} is not supported (this server speaks ${PROTOCOL_MAJOR})`);
+  }
   const minor = Math.min(v.minor, PROTOCOL_MINOR);
   const client = parseCapabilities(v.data);
   const { session } = req;
