@@ -90,14 +90,20 @@ export class InterruptController implements Interrupts {
     if (index === IrqIndex.INTX) this.reevaluate();
   }
 
-  /** ACTION_TRIGGER + DATA_NONE with count 0: tear the whole index down. */
-  disableIndex(index: number): void {
-    this.checkRange(index, 0, 0);
+  /** ACTION_TRIGGER + DATA_EVENTFD without fds: vectors [start, start + count) lose their eventfds. */
+  clearEventfds(index: number, start: number, count: number): void {
+    this.checkRange(index, start, count);
     const row = this.fds[index]!;
-    for (let v = 0; v < row.length; v++) {
+    for (let v = start; v < start + count; v++) {
       if (row[v]! >= 0) this.closeFd(row[v]!);
       row[v] = -1;
     }
+  }
+
+  /** ACTION_TRIGGER + DATA_NONE with count 0: tear the whole index down. */
+  disableIndex(index: number): void {
+    this.checkRange(index, 0, 0);
+    this.clearEventfds(index, 0, this.counts[index]!);
   }
 
   /** ACTION_TRIGGER with DATA_NONE/DATA_BOOL: a loopback trigger from the client. */

@@ -27,6 +27,9 @@ function oneBit(v: number): boolean {
 export function handleDeviceSetIrqs(req: Request): Reply {
   const s = decodeDeviceSetIrqsRequest(req.body);
   const irq = req.endpoint.irq;
+  if (req.log.isLevelEnabled("debug")) {
+    req.log.debug({ msgId: req.header.msgId, index: s.index, start: s.start, count: s.count, flags: s.flags, fds: req.fds.length }, "SET_IRQS");
+  }
   const data = s.flags & IrqSetFlags.DATA_TYPE_MASK;
   const action = s.flags & IrqSetFlags.ACTION_TYPE_MASK;
   // spec (VFIO): exactly one data type and one action
@@ -43,8 +46,15 @@ export function handleDeviceSetIrqs(req: Request): Reply {
 
   if (data === IrqSetFlags.DATA_EVENTFD) {
     if (action === IrqSetFlags.ACTION_TRIGGER) {
-      if (req.fds.length !== s.count) throw fail.inval(`SET_IRQS: ${s.count} vectors but ${req.fds.length} fds`);
       irq.checkRange(s.index, s.start, s.count);
+      if (req.fds.length === 0) {
+        // spec: "If no file descriptors are provided, this de-assigns the
+        // specified previously configured interrupts" (QEMU sends this for
+        // each run of unused MSI-X vectors between used ones)
+        irq.clearEventfds(s.index, s.start, s.count);
+        return EMPTY_REPLY;
+      }
+      if (req.fds.length !== s.count) throw fail.inval(`SET_IRQS: ${s.count} vectors but ${req.fds.length} fds`);
       const bad = req.fds.findIndex((fd) => !isEventfd(fd));
       if (bad >= 0) throw fail.inval(`SET_IRQS: fd ${bad} of the message is not an eventfd`);
       // the controller keeps these fds; take them so the connection does not close them
