@@ -5,12 +5,22 @@
  * client's job (QEMU emulates the MSI-X table and the MSI mask bits and
  * holds masked interrupts pending), so a message is sent whenever an eventfd
  * is registered and the vector is not VFIO-masked.
+ *
+ * Eventfd writes never block: the SET_IRQS handler makes every eventfd it
+ * takes O_NONBLOCK, so a counter at its maximum (2^64 - 2, a client that
+ * never reads, or one that preset it) fails with EAGAIN instead of stopping
+ * the event loop. A loopback trigger (SET_IRQS from the client) that cannot
+ * be delivered is refused with that errno; a device interrupt that cannot
+ * be delivered is counted (`undelivered`) and logged, rate limited.
  */
 import { writeSync } from "node:fs";
 import type { Logger } from "pino";
 import type { InterruptMode, Interrupts } from "../device/api.ts";
-import { IrqIndex } from "../../protocol/constants.ts";
-import { fail } from "../../protocol/errors.ts";
+import { Errno, IrqIndex } from "../../protocol/constants.ts";
+import { VfioUserError, fail } from "../../protocol/errors.ts";
+
+/** A log line the client can provoke at will (rate limited by the connection). */
+export type LimitedLog = (level: "debug" | "info" | "warn" | "error", fields: Record<string, unknown>, msg: string) => void;
 
 /** What the controller needs to know of config space. */
 export interface InterruptConfigView {
@@ -29,6 +39,10 @@ export class InterruptController implements Interrupts {
   private intxLevel = false;
   /** Deliveries counted per index, for tests and the trace log. */
   readonly delivered = [0, 0, 0, 0, 0];
+  /** Device interrupts whose eventfd write failed (EAGAIN: counter full), per index. */
+  readonly undelivered = [0, 0, 0, 0, 0];
+  /** Where warnings about undeliverable interrupts go: the client's rate-limited log while one is attached. */
+  logLimited: LimitedLog | null = null;
 
   constructor(
     /** Vectors per IRQ index (GET_IRQ_INFO count). */
@@ -61,7 +75,7 @@ export class InterruptController implements Interrupts {
     const index = mode === "msi" ? IrqIndex.MSI : IrqIndex.MSIX;
     if (vector < 0 || vector >= this.counts[index]!) return false;
     if (!this.running() || this.masked[index]![vector]) return false;
-    return this.signal(index, vector);
+    return this.deviceSignal(index, vector);
   }
 
   /** Re-check INTx after something that may let it through (unmask, command write, resume). */
@@ -106,10 +120,20 @@ export class InterruptController implements Interrupts {
     this.clearEventfds(index, 0, this.counts[index]!);
   }
 
-  /** ACTION_TRIGGER with DATA_NONE/DATA_BOOL: a loopback trigger from the client. */
+  /**
+   * ACTION_TRIGGER with DATA_NONE/DATA_BOOL: a loopback trigger from the
+   * client. Every vector asked for is tried; if an eventfd could not take
+   * its write, the request fails with that errno (EAGAIN: counter full).
+   */
   trigger(index: number, start: number, which: readonly boolean[]): void {
     this.checkRange(index, start, which.length);
-    for (let i = 0; i < which.length; i++) if (which[i]) this.signal(index, start + i);
+    let failed: { vector: number; errno: number } | null = null;
+    for (let i = 0; i < which.length; i++) {
+      if (!which[i]) continue;
+      const errno = this.signal(index, start + i);
+      if (errno > 0) failed ??= { vector: start + i, errno };
+    }
+    if (failed) throw new VfioUserError(failed.errno, `IRQ index ${index} vector ${failed.vector}: eventfd write failed (${failed.errno === Errno.EAGAIN ? "counter full" : `errno ${failed.errno}`})`);
   }
 
   /** ACTION_MASK / ACTION_UNMASK with DATA_NONE/DATA_BOOL. */
@@ -147,22 +171,35 @@ export class InterruptController implements Interrupts {
   private fireIntx(): void {
     if (this.mode !== "intx" || this.config.intxDisabled || !this.running()) return;
     if (this.masked[IrqIndex.INTX]![0]) return;
-    if (this.signal(IrqIndex.INTX, 0)) {
+    if (this.deviceSignal(IrqIndex.INTX, 0)) {
       // spec (VFIO): INTx is automasked; the client unmasks after the guest acknowledges
       this.masked[IrqIndex.INTX]![0] = true;
     }
   }
 
-  private signal(index: number, vector: number): boolean {
+  /** A device-initiated interrupt: true when delivered; a failed write is counted and logged. */
+  private deviceSignal(index: number, vector: number): boolean {
+    if (this.fds[index]![vector]! < 0) return false;
+    const errno = this.signal(index, vector);
+    if (errno === 0) return true;
+    const undelivered = ++this.undelivered[index]!;
+    const fields = { index, vector, errno, undelivered };
+    if (this.logLimited) this.logLimited("warn", fields, "interrupt not delivered");
+    else this.log.warn(fields, "interrupt not delivered");
+    return false;
+  }
+
+  /** One non-blocking eventfd write: 0, or the errno it failed with (-1 when no eventfd is registered). */
+  private signal(index: number, vector: number): number {
     const fd = this.fds[index]![vector]!;
-    if (fd < 0) return false;
+    if (fd < 0) return -1;
     try {
       writeSync(fd, EVENTFD_ONE);
     } catch (err) {
-      this.log.warn({ err, index, vector }, "eventfd write failed");
-      return false;
+      const e = (err as NodeJS.ErrnoException).errno;
+      return typeof e === "number" && e !== 0 ? Math.abs(e) : Errno.EIO;
     }
     this.delivered[index]!++;
-    return true;
+    return 0;
   }
 }

@@ -91,7 +91,7 @@ export class Connection implements SocketDma {
   }
 
   start(): void {
-    this.opts.endpoint.attachClient(this);
+    this.opts.endpoint.attachClient(this, this.logLimitedFn);
     this.opts.transport.start({
       data: (chunk, fds) => this.onData(chunk, fds),
       close: (err) => this.onTransportClose(err),

@@ -11,7 +11,7 @@ import { fail } from "../../protocol/errors.ts";
 import { DmaEngine, type SocketDma } from "../dma/dma-engine.ts";
 import { DmaTable } from "../dma/dma-table.ts";
 import type { DirtyLog } from "../dma/dirty-bitmap.ts";
-import { InterruptController } from "../irq/interrupts.ts";
+import { InterruptController, type LimitedLog } from "../irq/interrupts.ts";
 import { MigrationController, type MigrationOptions } from "../migration/controller.ts";
 import { PciFunction } from "../pci/pci-function.ts";
 
@@ -133,13 +133,16 @@ export class Endpoint {
     this.dma.dirty = null;
   }
 
-  attachClient(socket: SocketDma): void {
+  /** A client connected: DMA over its socket, interrupt warnings through its rate-limited log. */
+  attachClient(socket: SocketDma, logLimited?: LimitedLog): void {
     this.dma.socket = socket;
+    this.irq.logLimited = logLimited ?? null;
   }
 
   /** Client gone: its DMA regions and eventfds are released; the device state stays. */
   detachClient(): void {
     this.dma.socket = null;
+    this.irq.logLimited = null;
     this.stopDirtyLog();
     this.dmaTable.removeAll();
     this.irq.releaseAll();

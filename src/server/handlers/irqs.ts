@@ -3,6 +3,7 @@ import { readlinkSync } from "node:fs";
 import { IrqIndex, IrqSetFlags } from "../../../protocol/constants.ts";
 import { fail } from "../../../protocol/errors.ts";
 import { decodeDeviceSetIrqsRequest } from "../../../protocol/messages/device-set-irqs.ts";
+import { native } from "../../transport/native.ts";
 import { EMPTY_REPLY, type Reply, type Request } from "../dispatcher.ts";
 
 /**
@@ -10,7 +11,11 @@ import { EMPTY_REPLY, type Reply, type Request } from "../dispatcher.ts";
  * synchronous 8-byte write; a pipe or FIFO the client never drains would
  * block that write, and with it the whole server, after 8192 interrupts
  * (robustness suite: "SET_IRQS with a FIFO as the eventfd"); a regular file
- * or memfd would grow with every interrupt.
+ * or memfd would grow with every interrupt. Even an eventfd blocks once its
+ * counter is at 2^64 - 2 (a client can preset it), so each one is made
+ * O_NONBLOCK before it is kept (defects-eventfds.test.ts). The flag lives in
+ * the open file description the client shares; QEMU's event notifiers are
+ * non-blocking anyway.
  */
 function isEventfd(fd: number): boolean {
   try {
@@ -57,6 +62,10 @@ export function handleDeviceSetIrqs(req: Request): Reply {
       if (req.fds.length !== s.count) throw fail.inval(`SET_IRQS: ${s.count} vectors but ${req.fds.length} fds`);
       const bad = req.fds.findIndex((fd) => !isEventfd(fd));
       if (bad >= 0) throw fail.inval(`SET_IRQS: fd ${bad} of the message is not an eventfd`);
+      for (let i = 0; i < req.fds.length; i++) {
+        const r = native.setNonblocking(req.fds[i]!, true);
+        if (r < 0) throw fail.inval(`SET_IRQS: fd ${i} of the message cannot be made non-blocking (errno ${-r})`);
+      }
       // the controller keeps these fds; take them so the connection does not close them
       irq.setEventfds(s.index, s.start, req.fds.splice(0));
       return EMPTY_REPLY;
