@@ -5,7 +5,7 @@
  * replies. A bad header closes the connection; a bad body gets an errno.
  */
 import type { Logger } from "pino";
-import { COMMAND_NAMES, Command, HEADER_SIZE, HeaderFlags } from "../../protocol/constants.ts";
+import { COMMAND_NAMES, Command, Errno, HEADER_SIZE, HeaderFlags } from "../../protocol/constants.ts";
 import { VfioUserError, errnoOf, fail } from "../../protocol/errors.ts";
 import { FrameDecoder, FrameError, maxFrameSizeFor, type Frame } from "../../protocol/frame.ts";
 import { PendingRequests } from "../../protocol/pending-requests.ts";
@@ -155,7 +155,11 @@ export class Connection implements SocketDma {
       result.then(
         (r) => this.finish(frame, r, null),
         (err) => this.finish(frame, null, err),
-      ).finally(() => {
+      ).catch((err: unknown) => {
+        // finish() answers what it cannot send with EIO; this is the last line
+        this.log.error({ err, msgId: frame.header.msgId, cmd: cmdName(frame.header.command) }, "reply failed; closing the connection");
+        this.opts.transport.close();
+      }).finally(() => {
         this.busy = false;
         this.pump();
       });
@@ -232,7 +236,29 @@ export class Connection implements SocketDma {
       return;
     }
     if (noReply || this.closed) return;
-    this.send({ msgId: h.msgId, command: h.command, size: 0, flags: HeaderFlags.TYPE_REPLY, error: 0 }, result!.parts, result!.fds);
+    const fds = result!.fds;
+    // spec: max_msg_fds is the most fds the client can receive in one message
+    const maxFds = this.opts.session.clientMaxMsgFds;
+    if (fds !== undefined && fds.length > maxFds) {
+      this.replyFailed(h, `${fds.length} fds in the reply; the client takes at most ${maxFds} (max_msg_fds)`);
+      return;
+    }
+    try {
+      this.send({ msgId: h.msgId, command: h.command, size: 0, flags: HeaderFlags.TYPE_REPLY, error: 0 }, result!.parts, fds);
+    } catch (err) {
+      this.replyFailed(h, (err as Error).message);
+    }
+  }
+
+  /** A reply that cannot go out becomes EIO (never a silent drop, never a crash). */
+  private replyFailed(h: Header, reason: string): void {
+    this.logLimited("error", { msgId: h.msgId, cmd: cmdName(h.command), errno: Errno.EIO, reason }, "reply failed; answered EIO");
+    try {
+      this.sendError(h, Errno.EIO);
+    } catch (err) {
+      this.log.error({ err, msgId: h.msgId, cmd: cmdName(h.command) }, "error reply failed; closing the connection");
+      this.opts.transport.close();
+    }
   }
 
   private sendError(h: Header, errno: number): void {
