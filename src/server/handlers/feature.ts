@@ -78,9 +78,11 @@ export async function handleDeviceFeature(req: Request): Promise<Reply> {
     case Feature.DMA_LOGGING_START: {
       const c = decodeDmaLoggingControl(f.data);
       if (ep.dirtyLog) throw fail.busy("DMA logging is already started");
-      // the page size is a hint: a power of two in range is honoured, anything else gets the nearest supported
+      // spec: the page size is a hint; a power of two in range is honoured. None
+      // (0) or one the device cannot do gets the negotiated migration pgsize.
       let pageSize = c.page_size;
-      if (!isPowerOfTwo(pageSize) || pageSize < MIN_LOG_PAGE) pageSize = MIN_LOG_PAGE;
+      if (!isPowerOfTwo(pageSize) || pageSize < MIN_LOG_PAGE) pageSize = req.session.migrationPgsize;
+      if (pageSize < MIN_LOG_PAGE) pageSize = MIN_LOG_PAGE;
       if (pageSize > MAX_LOG_PAGE) pageSize = MAX_LOG_PAGE;
       // spec (vfio.h): no ranges means every mapped region
       const ranges = c.ranges.length > 0 ? c.ranges : ep.dmaTable.regions().map((r) => ({ iova: r.iova, length: r.size }));
@@ -108,7 +110,11 @@ export async function handleDeviceFeature(req: Request): Promise<Reply> {
       if (!isPowerOfTwo(r.page_size) || r.page_size < MIN_LOG_PAGE) throw fail.inval(`report page size ${r.page_size} is not a power of two >= 4096`);
       const bitmapBytes = ((r.length / r.page_size + 63n) / 64n) * 8n;
       const argsz = BigInt(FIXED + f.data.length) + bitmapBytes;
-      if (bitmapBytes > BigInt(req.session.maxDataXferSize)) throw fail.toobig(`a ${bitmapBytes}-byte bitmap exceeds max_data_xfer_size`);
+      // the reply may exceed max_data_xfer_size (that bounds data transfer
+      // messages); it is bounded by the negotiated max_bitmap_size and argsz
+      if (bitmapBytes > BigInt(req.session.maxBitmapSize)) {
+        throw fail.toobig(`a ${bitmapBytes}-byte bitmap exceeds the negotiated max_bitmap_size ${req.session.maxBitmapSize}`);
+      }
       if (argsz > BigInt(f.argsz)) {
         // spec: no room: report the size needed, change nothing (the log is not cleared)
         return { parts: encodeDeviceFeatureParts({ argsz: Number(argsz), flags: f.flags, data: f.data }) };
