@@ -228,9 +228,11 @@ export class Connection implements SocketDma {
       if (!(err instanceof VfioUserError)) {
         this.logLimited("error", { err, msgId: h.msgId, cmd: cmdName(h.command) }, "handler failed unexpectedly");
       } else {
-        if (this.log.isLevelEnabled("debug")) {
-          this.logLimited("debug", { msgId: h.msgId, cmd: cmdName(h.command), errno, reason: err.message }, "request refused");
-        }
+        // a client getting a request wrong must be visible at the default
+        // level; rate limited per command, so a flood of one bad command
+        // neither fills the log nor hides another command's refusal
+        const cmd = cmdName(h.command);
+        this.logLimited("info", { msgId: h.msgId, cmd, errno, reason: err.message }, "request refused", `request refused ${cmd}`);
       }
       if (!noReply) this.sendError(h, errno);
       return;
@@ -343,8 +345,9 @@ export class Connection implements SocketDma {
    * A log line the client can provoke: at most a burst, then one a second
    * per message; the next line let through says how many were dropped.
    */
-  logLimited(level: "debug" | "info" | "warn" | "error", fields: Record<string, unknown>, msg: string): void {
-    const suppressed = this.limiter.take(msg);
+  logLimited(level: "debug" | "info" | "warn" | "error", fields: Record<string, unknown>, msg: string, key: string = msg): void {
+    if (!this.log.isLevelEnabled(level)) return;
+    const suppressed = this.limiter.take(key);
     if (suppressed < 0) return;
     this.log[level](suppressed > 0 ? { ...fields, suppressed } : fields, msg);
   }
