@@ -6,6 +6,15 @@
  * holds masked interrupts pending), so a message is sent whenever an eventfd
  * is registered and the vector is not VFIO-masked.
  *
+ * MSI-X vectors without an eventfd: QEMU gives a vector its eventfd when
+ * the guest unmasks it and takes it away (SET_IRQS without fds) for vectors
+ * it does not use, so "no eventfd" is the server's view of "masked". An
+ * interrupt on such a vector sets its bit in the function's PBA (PCI 3.0,
+ * 6.8.2.9: a masked vector's message is held pending), and the message is
+ * sent once the vector gets an eventfd. QEMU shows the guest the device's
+ * PBA while it holds nothing pending itself (its own PBA emulation is on
+ * only while a vector it set up fired masked).
+ *
  * Eventfd writes never block: the SET_IRQS handler makes every eventfd it
  * takes O_NONBLOCK, so a counter at its maximum (2^64 - 2, a client that
  * never reads, or one that preset it) fails with EAGAIN instead of stopping
@@ -21,6 +30,12 @@ import { VfioUserError, fail } from "../../protocol/errors.ts";
 
 /** A log line the client can provoke at will (rate limited by the connection). */
 export type LimitedLog = (level: "debug" | "info" | "warn" | "error", fields: Record<string, unknown>, msg: string) => void;
+
+/** The MSI-X Pending Bit Array (src/pci/msix-table.ts). */
+export interface MsixPendingBits {
+  setPending(vector: number, on: boolean): void;
+  isPending(vector: number): boolean;
+}
 
 /** What the controller needs to know of config space. */
 export interface InterruptConfigView {
@@ -52,6 +67,8 @@ export class InterruptController implements Interrupts {
     private readonly running: () => boolean,
     private readonly log: Logger,
     private readonly closeFd: (fd: number) => void,
+    /** The function's MSI-X PBA, when it has MSI-X. */
+    private readonly msixPba: MsixPendingBits | null = null,
   ) {
     this.fds = counts.map((n) => new Array<number>(n).fill(-1));
     this.masked = counts.map((n) => new Array<boolean>(n).fill(false));
@@ -73,14 +90,20 @@ export class InterruptController implements Interrupts {
     const mode = this.mode;
     if (mode !== "msi" && mode !== "msix") return false;
     const index = mode === "msi" ? IrqIndex.MSI : IrqIndex.MSIX;
-    if (vector < 0 || vector >= this.counts[index]!) return false;
+    if (!Number.isInteger(vector) || vector < 0 || vector >= this.counts[index]!) return false;
     if (!this.running() || this.masked[index]![vector]) return false;
+    if (index === IrqIndex.MSIX && this.fds[index]![vector]! < 0 && this.msixPba) {
+      // no eventfd: the client has the vector masked; hold it pending
+      this.msixPba.setPending(vector, true);
+      return false;
+    }
     return this.deviceSignal(index, vector);
   }
 
-  /** Re-check INTx after something that may let it through (unmask, command write, resume). */
+  /** Re-check INTx and held MSI-X messages after something that may let them through (unmask, command write, resume). */
   reevaluate(): void {
     if (this.intxLevel) this.fireIntx();
+    this.sendPending(0, this.counts[IrqIndex.MSIX]!);
   }
 
   // ---- SET_IRQS actions (validated ranges come from the handler) ----
@@ -102,6 +125,19 @@ export class InterruptController implements Interrupts {
       this.fds[index]![start + i] = fds[i]!;
     }
     if (index === IrqIndex.INTX) this.reevaluate();
+    if (index === IrqIndex.MSIX) this.sendPending(start, fds.length);
+  }
+
+  /** MSI-X vectors that fired while they had no eventfd and now have one: their message goes out now. */
+  private sendPending(start: number, count: number): void {
+    const pba = this.msixPba;
+    if (!pba || !this.running() || this.mode !== "msix") return;
+    for (let v = start; v < start + count; v++) {
+      if (this.fds[IrqIndex.MSIX]![v]! >= 0 && pba.isPending(v)) {
+        pba.setPending(v, false);
+        this.deviceSignal(IrqIndex.MSIX, v);
+      }
+    }
   }
 
   /** ACTION_TRIGGER + DATA_EVENTFD without fds: vectors [start, start + count) lose their eventfds. */

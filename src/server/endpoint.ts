@@ -46,7 +46,7 @@ export class Endpoint {
     counts[IrqIndex.MSIX] = caps?.msix?.vectors ?? 0;
     counts[IrqIndex.ERR] = 0;
     counts[IrqIndex.REQ] = 0;
-    this.irq = new InterruptController(counts, this.pci.config, Boolean(device.interruptPin), () => this.isRunning, opts.log, opts.closeFd);
+    this.irq = new InterruptController(counts, this.pci.config, Boolean(device.interruptPin), () => this.isRunning, opts.log, opts.closeFd, this.pci.msixTable);
     this.dmaTable = new DmaTable(opts.maxDmaMaps);
     this.dma = new DmaEngine(() => this.dmaTable, () => this.isRunning && this.pci.config.busMaster);
     const config = this.pci.config;

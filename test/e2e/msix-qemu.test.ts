@@ -22,6 +22,12 @@
  *   start 1 count 1 flags 0x24 fds 0     vector 1 without an fd (de-assign),
  *   start 2 count 1 flags 0x24 fds 1     vector 2
  *
+ * A vector QEMU gave no eventfd is one the guest has masked: the device's
+ * interrupt on it (checksum done on vector 1) sets its bit in the device's
+ * PBA, which the guest reads through QEMU (QEMU's own PBA emulation is off
+ * while it holds nothing pending), and when the guest unmasks vector 1 QEMU
+ * sends "start 1 count 1 flags 0x24 fds 1" and the held message arrives.
+ *
  * (index 2 = MSI-X; 0x24 = DATA_EVENTFD | ACTION_TRIGGER, 0x21 = DATA_NONE |
  * ACTION_TRIGGER.) The fd-less SET_IRQS used to get EINVAL, so QEMU stopped
  * before vector 2 and the DMA-done interrupt was lost (this test then timed
@@ -198,6 +204,35 @@ describeQemu("MSI-X over vfio-user, QEMU 11.1.3 qtest: bigmem, vectors 0 and 2 i
     expect(await qt.readl(MSG_ADDR[BIGMEM_MSIX_VECTOR.RAISE]!)).toBe(0);
     // the DMA itself happened: device memory holds the guest's bytes
     expect((await qt.read(bar2 + 0x2000n, data.length)).equals(data)).toBe(true);
+    await qt.writel(reg(BigmemReg.IRQ_ACK), 0xffff_ffff);
+  });
+
+  step("checksum done on masked vector 1: held in the device's PBA (the guest reads it through QEMU); unmasking vector 1 delivers it", async () => {
+    const qt = need().qtest;
+    const reg = (r: number) => bar0 + BigInt(r);
+    const entry1 = bar0 + BigInt(BIGMEM_MSIX_TABLE + BIGMEM_MSIX_VECTOR.CSUM * ENTRY_SIZE);
+    const pba = bar0 + BigInt(BIGMEM_MSIX_PBA);
+    await qt.writel(entry1, Number(MSG_ADDR[BIGMEM_MSIX_VECTOR.CSUM]!));
+    await qt.writel(entry1 + 4n, 0);
+    await qt.writel(entry1 + 8n, MSG_DATA[BIGMEM_MSIX_VECTOR.CSUM]!);
+    expect(await qt.readl(pba)).toBe(0);
+    await qt.writel(reg(BigmemReg.CSUM_OFFSET), 0);
+    await qt.writel(reg(BigmemReg.CSUM_OFFSET + 4), 0);
+    await qt.writel(reg(BigmemReg.CSUM_LENGTH), 4096);
+    await qt.writel(reg(BigmemReg.CSUM_LENGTH + 4), 0);
+    await qt.writel(reg(BigmemReg.CSUM_CMD), CMD_START | CMD_IRQ);
+    await pollUntil("the checksum to finish", () => qt.readl(reg(BigmemReg.CSUM_CMD)), (v) => (v & CMD_START) === 0);
+    // masked (QEMU gave vector 1 no eventfd): pending, not sent
+    expect(srv.server.endpoint.pci.msixTable!.isPending(BIGMEM_MSIX_VECTOR.CSUM)).toBe(true);
+    expect(hex(await qt.readl(pba))).toBe(hex(1 << BIGMEM_MSIX_VECTOR.CSUM));
+    expect(await qt.readl(MSG_ADDR[BIGMEM_MSIX_VECTOR.CSUM]!)).toBe(0);
+    // the guest unmasks vector 1: QEMU hands over its eventfd and the held message arrives
+    const mark = srv.log.length;
+    await qt.writel(entry1 + 12n, 0);
+    const { value } = await pollUntil("the held MSI-X message of vector 1", () => qt.readl(MSG_ADDR[BIGMEM_MSIX_VECTOR.CSUM]!), (v) => v !== 0);
+    expect(hex(value)).toBe(hex(MSG_DATA[BIGMEM_MSIX_VECTOR.CSUM]));
+    expect(setIrqsSince(mark)).toEqual([{ index: 2, start: 1, count: 1, flags: 0x24, fds: 1 }]);
+    expect(await qt.readl(pba)).toBe(0);
     await qt.writel(reg(BigmemReg.IRQ_ACK), 0xffff_ffff);
   });
 
