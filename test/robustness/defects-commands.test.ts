@@ -27,7 +27,8 @@ import {
   MigState,
 } from "../../protocol/index.ts";
 import { BigmemDevice } from "../../devices/bigmem/bigmem.ts";
-import { RawClient, frameBytes, le, startInProcessServer, type InProcessServer } from "./raw-client.ts";
+import { native } from "../../src/transport/native.ts";
+import { RawClient, eventfd, frameBytes, le, startInProcessServer, type InProcessServer } from "./raw-client.ts";
 
 const TRIGGER_NONE = IrqSetFlags.DATA_NONE | IrqSetFlags.ACTION_TRIGGER;
 
@@ -87,11 +88,9 @@ describe("unknown commands get an error reply; the session continues", () => {
 
   it("an unknown command carrying fds: refused, the fds are closed", () =>
     connected(async (c) => {
-      const { eventfd } = await import("./raw-client.ts");
       const fd = eventfd();
       expect(await c.errno(99, Buffer.alloc(4), { fds: [fd] })).not.toBe(0);
       expect(await c.vendorId()).toBe(0x1234);
-      const { native } = await import("../../src/transport/native.ts");
       native.close(fd);
     }));
 });

@@ -9,11 +9,11 @@
  * and it stops at the first error reply. The real client is in
  * test/e2e/msix-qemu.test.ts; this file pins the server side of it.
  */
-import fs from "node:fs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Command, IrqIndex, IrqSetFlags, RegionIndex, Errno } from "../../protocol/index.ts";
 import { BigmemDevice, BigmemReg, BIGMEM_MSIX_VECTOR } from "../../devices/bigmem/bigmem.ts";
 import { native } from "../../src/transport/native.ts";
+import { readEventfd } from "../../src/client/index.ts";
 import { RawClient, eventfd, eventually, fdTargets, le, startInProcessServer, type InProcessServer } from "./raw-client.ts";
 
 const TRIGGER_EVENTFD = IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_TRIGGER;
@@ -26,16 +26,7 @@ const setIrqs = (o: { flags: number; index: number; start?: number; count: numbe
 const eventfdsOpen = (): number => fdTargets("self").filter((t) => t === "anon_inode:[eventfd]").length;
 
 /** Reads (and so clears) an eventfd's counter; 0 when nothing was signalled. */
-function drain(fd: number): bigint {
-  const b = Buffer.alloc(8);
-  try {
-    fs.readSync(fd, b, 0, 8, null);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === "EAGAIN") return 0n;
-    throw err;
-  }
-  return b.readBigUInt64LE(0);
-}
+const drain = readEventfd;
 
 let srv: InProcessServer;
 let c: RawClient;

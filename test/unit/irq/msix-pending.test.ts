@@ -6,29 +6,21 @@
  * bit cleared, when the vector gets an eventfd. QEMU's side of it is in
  * test/e2e/msix-qemu.test.ts.
  */
-import { readSync } from "node:fs";
 import { afterEach, describe, expect, it } from "vitest";
 import { IrqIndex } from "../../../protocol/constants.ts";
 import { InterruptController } from "../../../src/irq/interrupts.ts";
 import { silentLogger } from "../../../src/log.ts";
 import { MsixTable } from "../../../src/pci/msix-table.ts";
 import { native } from "../../../src/transport/native.ts";
+import { createEventfd, readEventfd } from "../../../src/client/index.ts";
 
 const opened: number[] = [];
 function eventfd(): number {
-  const fd = native.eventfd(0, 0);
+  const fd = createEventfd();
   opened.push(fd);
   return fd;
 }
-function drain(fd: number): number {
-  const buf = Buffer.alloc(8);
-  try {
-    readSync(fd, buf);
-  } catch {
-    return 0;
-  }
-  return Number(buf.readBigUInt64LE(0));
-}
+const drain = (fd: number): number => Number(readEventfd(fd));
 afterEach(() => {
   for (const fd of opened.splice(0)) native.close(fd);
 });
