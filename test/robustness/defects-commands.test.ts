@@ -28,7 +28,7 @@ import {
 } from "../../protocol/index.ts";
 import { BigmemDevice } from "../../devices/bigmem/bigmem.ts";
 import { native } from "../../src/transport/native.ts";
-import { RawClient, eventfd, frameBytes, le, startInProcessServer, type InProcessServer } from "./raw-client.ts";
+import { RawClient, fdTargets, frameBytes, le, memfd, startInProcessServer, type InProcessServer } from "./raw-client.ts";
 
 const TRIGGER_NONE = IrqSetFlags.DATA_NONE | IrqSetFlags.ACTION_TRIGGER;
 
@@ -88,10 +88,13 @@ describe("unknown commands get an error reply; the session continues", () => {
 
   it("an unknown command carrying fds: refused, the fds are closed", () =>
     connected(async (c) => {
-      const fd = eventfd();
+      const name = `defects-unknown-${process.pid}`;
+      const fd = memfd(name, 4096n);
       expect(await c.errno(99, Buffer.alloc(4), { fds: [fd] })).not.toBe(0);
-      expect(await c.vendorId()).toBe(0x1234);
       native.close(fd);
+      expect(await c.vendorId()).toBe(0x1234);
+      // our copy is closed: a memfd of that name still open would be the server's
+      expect(fdTargets("self").some((t) => t.includes(`memfd:${name} `))).toBe(false);
     }));
 });
 
