@@ -44,7 +44,7 @@ import { MigState } from "../../protocol/constants.ts";
 import { VfioUserError, fail } from "../../protocol/errors.ts";
 import type { Endpoint } from "../server/endpoint.ts";
 import { MigrationFsm, deviceMayRun, featuresToFlags, migStateName, type MigrationFeatures } from "./fsm.ts";
-import { RecordKind, StateStreamReader, StateStreamWriter, type DecodedRecord, type StreamHeader } from "./state-stream.ts";
+import { END_RECORD_SIZE, RecordKind, StateStreamReader, StateStreamWriter, stateRecordSize, streamStartSize, type DecodedRecord, type StreamHeader } from "./state-stream.ts";
 
 /** Pages per MEMORY record: 1 MiB of 4 KiB pages. */
 const PAGES_PER_RECORD = 256;
@@ -77,6 +77,14 @@ export class MigrationController {
   private initialLeft = 0;
   /** Stop-copy: the END record goes once every page is out. */
   private endPending = false;
+  /**
+   * What the last MIG_DEVICE_STATE request finished, if it ended a
+   * migration: the stream read to its END (source, STOP_COPY -> STOP) or a
+   * stream loaded (destination, RESUMING -> STOP and on). Cleared by the
+   * next request. A client leaving in STOP after one of these has completed
+   * its migration (QEMU disconnects a source just so, DMA logging still on).
+   */
+  private finished: "saved" | "loaded" | null = null;
   private readonly log: Logger;
 
   constructor(
@@ -103,6 +111,7 @@ export class MigrationController {
   /** MIG_DEVICE_STATE SET: walk to `to`; a failed arc leaves ERROR and rethrows. */
   async setState(to: MigState): Promise<void> {
     const from = this.fsm.state;
+    this.finished = null;
     try {
       await this.fsm.transition(to, (a, b) => this.hop(a, b));
     } finally {
@@ -117,6 +126,12 @@ export class MigrationController {
   reset(): void {
     this.fsm.reset();
     this.dropStreams();
+    this.finished = null;
+  }
+
+  /** The migration the last state request completed ("saved" on a source, "loaded" on a destination), or null. */
+  get completed(): "saved" | "loaded" | null {
+    return this.finished;
   }
 
   private dropStreams(): void {
@@ -162,6 +177,8 @@ export class MigrationController {
       // cancelled: the device goes on as if nothing happened
       this.dropStreams();
     } else if (from === S.STOP_COPY && to === S.STOP) {
+      // a source whose client read the stream to its END has migrated
+      if (this.writer && !this.endPending && this.writer.pendingBytes === 0) this.finished = "saved";
       this.dropStreams();
     } else if (from === S.STOP && to === S.RESUMING) {
       this.resumeStates = [];
@@ -174,6 +191,7 @@ export class MigrationController {
         if (!reader) throw fail.io("no resume stream");
         reader.finish();
         this.loadState();
+        this.finished = "loaded";
       } catch (err) {
         this.discardPartialResume();
         throw err;
@@ -184,9 +202,13 @@ export class MigrationController {
   private beginSaving(): void {
     this.dropStreams();
     const w = new StateStreamWriter();
-    const dev = this.endpoint.device;
-    w.header({ deviceType: dev.type, deviceVersion: dev.stateVersion, configSize: this.endpoint.pci.config.size });
+    w.header(this.streamHeader());
     this.writer = w;
+  }
+
+  private streamHeader(): StreamHeader {
+    const dev = this.endpoint.device;
+    return { deviceType: dev.type, deviceVersion: dev.stateVersion, configSize: this.endpoint.pci.config.size };
   }
 
   private queuePages(pages: Iterable<number>): void {
@@ -303,26 +325,45 @@ export class MigrationController {
   }
 
 
-  /** MIG_DATA_SIZE: bytes a stop-copy would still produce from here. */
+  /**
+   * MIG_DATA_SIZE: bytes a stop-copy would still produce from here, what
+   * QEMU's switch-over decision rests on: what is queued, every page still
+   * to go (unsent, or dirtied since it was sent) with its record framing,
+   * and, until stop-copy has queued them, the STATE record as it would be
+   * now (the device's state encoded, so its size is exact) and END.
+   */
   stopCopySize(): bigint {
     const mem = this.memory;
     const pageSize = mem?.pageSize ?? 0;
     let pages = this.pagesToSend.length - this.pageCursor;
     if (mem) pages += this.writer ? mem.dirtyPageCount() : Number(mem.size / BigInt(mem.pageSize));
     const records = Math.ceil(pages / PAGES_PER_RECORD);
-    const stateBytes = 4096 + this.endpoint.pci.config.size * 2;
-    return BigInt((this.writer?.pendingBytes ?? 0) + pages * pageSize + records * MEMORY_RECORD_OVERHEAD + stateBytes);
+    let bytes = (this.writer?.pendingBytes ?? 0) + pages * pageSize + records * MEMORY_RECORD_OVERHEAD;
+    if (this.fsm.state !== MigState.STOP_COPY) {
+      // no stream yet: its preamble and HEADER come first
+      if (!this.writer) bytes += streamStartSize(this.streamHeader());
+      bytes += stateRecordSize(this.snapshot()) + END_RECORD_SIZE;
+    } else if (this.endPending) {
+      bytes += END_RECORD_SIZE;
+    }
+    return BigInt(bytes);
   }
 
-  /** Pre-copy info: what the first pass still has, and what was dirtied since. */
+  /**
+   * Pre-copy info: the bytes the first pass still has (initial_bytes), and
+   * those of pages dirtied since they were sent (dirty_bytes), each with
+   * its MEMORY record framing and whatever of it is already queued.
+   */
   precopyInfo(): { initialBytes: bigint; dirtyBytes: bigint } {
     const mem = this.memory;
-    const pageSize = BigInt(mem?.pageSize ?? 0);
-    const pending = BigInt(this.writer?.pendingBytes ?? 0);
-    const initialBytes = BigInt(this.initialLeft) * pageSize + (this.initialLeft > 0 ? pending : 0n);
-    const queuedDirty = this.initialLeft > 0 ? 0 : this.pagesToSend.length - this.pageCursor;
-    const dirtyBytes = BigInt(queuedDirty + (mem?.dirtyPageCount() ?? 0)) * pageSize + (this.initialLeft > 0 ? 0n : pending);
-    return { initialBytes, dirtyBytes };
+    const pageSize = mem?.pageSize ?? 0;
+    const pending = this.writer?.pendingBytes ?? 0;
+    const withFraming = (pages: number) => pages * pageSize + Math.ceil(pages / PAGES_PER_RECORD) * MEMORY_RECORD_OVERHEAD;
+    const inFirstPass = this.initialLeft > 0;
+    const initialBytes = inFirstPass ? withFraming(this.initialLeft) + pending : 0;
+    const queuedDirty = inFirstPass ? 0 : this.pagesToSend.length - this.pageCursor;
+    const dirtyBytes = withFraming(queuedDirty + (mem?.dirtyPageCount() ?? 0)) + (inFirstPass ? 0 : pending);
+    return { initialBytes: BigInt(initialBytes), dirtyBytes: BigInt(dirtyBytes) };
   }
 
   // ---- destination: MIG_DATA_WRITE ----

@@ -34,6 +34,18 @@ const OPS: ReadonlyMap<number, number> = new Map([
 const MIN_LOG_PAGE = 4096n;
 const MAX_LOG_PAGE = 1n << 30n;
 
+function countBits(bitmap: Uint8Array): number {
+  let n = 0;
+  for (let i = 0; i < bitmap.length; i++) {
+    let b = bitmap[i]!;
+    while (b !== 0) {
+      b &= b - 1;
+      n++;
+    }
+  }
+  return n;
+}
+
 export async function handleDeviceFeature(req: Request): Promise<Reply> {
   const f = decodeDeviceFeatureRequest(req.body);
   const feature = f.flags & FeatureFlags.MASK;
@@ -99,6 +111,7 @@ export async function handleDeviceFeature(req: Request): Promise<Reply> {
     }
 
     case Feature.DMA_LOGGING_STOP:
+      if (ep.dirtyLog) req.log.info("DMA logging stopped");
       ep.stopDirtyLog();
       return echo();
 
@@ -120,6 +133,7 @@ export async function handleDeviceFeature(req: Request): Promise<Reply> {
         return { parts: encodeDeviceFeatureParts({ argsz: Number(argsz), flags: f.flags, data: f.data }) };
       }
       const bitmap = log.report(r.iova, r.length, r.page_size);
+      if (req.log.isLevelEnabled("debug")) req.log.debug({ iova: r.iova, length: r.length, pageSize: r.page_size, dirty: countBits(bitmap) }, "DMA logging report");
       return { parts: [...encodeDeviceFeatureParts({ argsz: Number(argsz), flags: f.flags, data: f.data }), bitmap] };
     }
 

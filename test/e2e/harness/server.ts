@@ -15,7 +15,7 @@ import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { pino, type Logger } from "pino";
 import type { Device } from "../../../src/device/api.ts";
-import { VfioUserServer } from "../../../src/server/server.ts";
+import { VfioUserServer, type ServerOptions } from "../../../src/server/server.ts";
 import { REPO_ROOT, type SharedDir } from "./shared-dir.ts";
 
 /** One parsed pino line (`msg`, `level`, `time` and the fields the server logged). */
@@ -106,6 +106,9 @@ export interface StartServerOptions {
   trace?: boolean;
   /** pino level (default debug). */
   level?: pino.LevelWithSilent;
+  /** Handlers that replace the server's own (a test's fault on one command). */
+  handlers?: ServerOptions["handlers"];
+  migration?: ServerOptions["migration"];
 }
 
 /** Start a `VfioUserServer` in this process, listening in `dir`. */
@@ -113,7 +116,7 @@ export function startServer(opts: StartServerOptions): ServerHandle {
   const capture = new LogCapture();
   const log: Logger = pino({ level: opts.level ?? "debug", base: undefined }, capture);
   const socketPath = join(opts.dir.host, opts.name ?? `${opts.device.type}.sock`);
-  const server = new VfioUserServer({ device: opts.device, log, trace: opts.trace ?? true });
+  const server = new VfioUserServer({ device: opts.device, log, trace: opts.trace ?? true, handlers: opts.handlers, migration: opts.migration });
   server.listen(socketPath);
   let closed = false;
   return {
@@ -139,6 +142,10 @@ export interface CliServer {
   stdout(): string;
   /** The server's log (JSON lines on stderr). */
   stderr(): string;
+  /** The same log, line by line (marks and parsed records, as for an in-process server). */
+  readonly log: LogCapture;
+  /** Records at level warn (40) or above, after `mark`. */
+  problems(mark?: number): LogRecord[];
   readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
   /** SIGTERM (the CLI's clean shutdown), SIGKILL after `killAfterMs`. Idempotent. */
   stop(killAfterMs?: number): Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
@@ -172,10 +179,20 @@ export async function spawnCliServer(opts: {
   liveCli.add(proc);
   let out = "";
   let err = "";
+  const capture = new LogCapture(200_000, false);
+  let partial = "";
   proc.stdout!.setEncoding("utf8");
   proc.stderr!.setEncoding("utf8");
   proc.stderr!.on("data", (s: string) => {
     err = (err + s).slice(-1 << 20);
+    // whole lines only: a pipe may split one
+    const nl = s.lastIndexOf("\n");
+    if (nl < 0) {
+      partial += s;
+    } else {
+      capture.write(partial + s.slice(0, nl + 1));
+      partial = s.slice(nl + 1);
+    }
     if (process.env.VFIO_USER_E2E_LOG === "1") process.stderr.write(s.replace(/^(?=.)/gm, "[cli] "));
   });
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
@@ -232,6 +249,8 @@ export async function spawnCliServer(opts: {
     startMs: performance.now() - t0,
     stdout: () => out,
     stderr: () => err,
+    log: capture,
+    problems: (mark = 0) => capture.records(mark).filter((r) => r.level >= 40),
     exited,
     stop,
   };
