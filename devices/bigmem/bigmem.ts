@@ -99,6 +99,8 @@ export const BIGMEM_ID = 0xb16e0100;
 export const BIGMEM_DEVICE_ID = 0xb16e;
 export const BIGMEM_PAGE_SIZE = 4096;
 export const BIGMEM_DEFAULT_SIZE = 256n << 20n;
+/** State layout version; 2: config space gained the MSI-X capability. */
+export const BIGMEM_STATE_VERSION = 2;
 
 export const STATUS_DMA_BUSY = 0x1;
 export const STATUS_DMA_ERROR = 0x2;
@@ -205,8 +207,7 @@ function half(reg: bigint, hi: boolean): number {
 
 export class BigmemDevice implements Device, PrecopyMemory {
   readonly type = "bigmem";
-  /** 2: config space gained the MSI-X capability. */
-  readonly stateVersion = 2;
+  readonly stateVersion = BIGMEM_STATE_VERSION;
   readonly identity = { vendorId: 0x1234, deviceId: BIGMEM_DEVICE_ID, classCode: 0x050000, revision: 1 };
   readonly interruptPin = 1;
   readonly capabilities = {
