@@ -37,7 +37,6 @@ function cmdName(command: number): string | number {
   return COMMAND_NAMES[command] ?? command;
 }
 
-
 export interface ConnectionOptions {
   transport: Transport;
   endpoint: Endpoint;
@@ -231,8 +230,9 @@ export class Connection implements SocketDma {
         // a client getting a request wrong must be visible at the default
         // level; rate limited per command, so a flood of one bad command
         // neither fills the log nor hides another command's refusal
+        // (one bucket for all unknown commands: a client cannot make 65,536 of them)
         const cmd = cmdName(h.command);
-        this.logLimited("info", { msgId: h.msgId, cmd, errno, reason: err.message }, "request refused", `request refused ${cmd}`);
+        this.logLimited("info", { msgId: h.msgId, cmd, errno, reason: err.message }, "request refused", `request refused ${typeof cmd === "string" ? cmd : "unknown"}`);
       }
       if (!noReply) this.sendError(h, errno);
       return;
