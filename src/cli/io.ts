@@ -11,7 +11,7 @@
  *   (SIGTERM). A second signal during cleanup exits at once.
  */
 
-type Cleanup = () => void | Promise<void>;
+type Cleanup = (signal: NodeJS.Signals) => void | Promise<void>;
 
 const cleanups: { what: string | (() => string); fn: Cleanup; exitCode: number | undefined }[] = [];
 const closedListeners = new Set<() => void>();
@@ -33,8 +33,9 @@ export function onOutputClosed(fn: () => void): () => void {
 /**
  * Registers what an interrupt must undo while `what` is going on (the
  * message names the most recent one); returns the unregister function.
- * `exitCode` replaces 130/143 when this is the most recent entry (serve:
- * a signal is its normal way to stop, exit 0).
+ * `exitCode` replaces 130/143 when this is the most recent entry, and then
+ * the cleanup says what happened itself (serve: a signal is its normal way
+ * to stop, logged by the server, exit 0).
  */
 export function onInterrupt(what: string | (() => string), fn: Cleanup, exitCode?: number): () => void {
   const entry = { what, fn, exitCode };
@@ -63,11 +64,11 @@ async function interrupt(signal: NodeJS.Signals): Promise<void> {
   const code = pending[0]?.exitCode ?? (signal === "SIGINT" ? 130 : 143);
   const top = pending[0]?.what;
   const what = typeof top === "function" ? top() : top;
-  say(`vfio-user-ts: interrupted (${signal})${what ? ` while ${what}` : ""}${pending.length > 0 ? "; cleaning up" : ""}`);
+  if (pending[0]?.exitCode === undefined) say(`vfio-user-ts: interrupted (${signal})${what ? ` while ${what}` : ""}${pending.length > 0 ? "; cleaning up" : ""}`);
   const deadline = new Promise<void>((resolve) => setTimeout(resolve, 10_000).unref());
   for (const c of pending) {
     try {
-      await Promise.race([c.fn(), deadline]);
+      await Promise.race([c.fn(signal), deadline]);
     } catch (err) {
       say(`vfio-user-ts: cleanup failed: ${(err as Error).message}`);
     }

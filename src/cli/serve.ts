@@ -68,23 +68,21 @@ export async function serveMain(argv: string[]): Promise<number> {
     throw new UsageError(`cannot listen on ${socket}: ${(err as Error).message}`, "serve");
   }
   const what = `serving '${factory.name}' on ${socket}`;
-  let stop!: (reason: string) => Promise<void>;
+  let stop!: (fields: Record<string, string>) => Promise<void>;
   const stopped = new Promise<void>((resolve) => {
     let closing: Promise<void> | null = null;
-    stop = (reason) => {
+    stop = (fields) => {
       closing ??= (async () => {
-        log.info({ reason }, "shutting down");
+        log.info({ ...fields, socket }, "shutting down");
         await server.close();
         resolve();
       })();
       return closing;
     };
   });
-  const offInterrupt = onInterrupt(what, () => stop("signal"), 0);
-  const offClosed = onOutputClosed(() => {
-    process.stderr.write(`vfio-user-ts: stdout was closed; stopped ${what}\n`);
-    void stop("stdout closed");
-  });
+  // a signal is serve's ordinary stop: the log says so (stderr stays JSON with --log-format json)
+  const offInterrupt = onInterrupt(what, (signal) => stop({ signal }), 0);
+  const offClosed = onOutputClosed(() => void stop({ reason: "stdout was closed" }));
 
   console.log(`vfio-user-ts: ${what}`);
   console.log("Attach QEMU 11.1 or newer with:\n");

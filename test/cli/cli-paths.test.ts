@@ -139,7 +139,8 @@ describe("output and signals", () => {
     const r = await p.exit;
     expect(r.code, r.err).toBe(0);
     expect(r.signal).toBe(null);
-    expect(r.err).toContain(`vfio-user-ts: stdout was closed; stopped serving 'edu' on ${socket}`);
+    const shutdown = r.err.split("\n").filter((l) => l.includes('"msg":"shutting down"'));
+    expect(shutdown.map((l) => JSON.parse(l) as Record<string, unknown>)).toMatchObject([{ reason: "stdout was closed", socket }]);
     expect(r.err).not.toMatch(/Error|EPIPE/);
     expect(existsSync(socket)).toBe(false);
   });
@@ -282,13 +283,14 @@ const options = defineOptions({ period: { type: "integer", min: 1, max: 1000, de
 class Ticker {
   type = "ticker"; stateVersion = 1;
   identity = { vendorId: 0x1234, deviceId: 0x71c4, classCode: 0xff0000 };
-  bars = [{ index: 0, size: 4096n, kind: "mem32", read: (o, d) => d.writeUInt32LE(o === 0 ? this.ticks >>> 0 : 0), write: () => {} }];
-  ticks = 0; timer = null;
+  bars = [{ index: 0, size: 4096n, kind: "mem32", read: (o, d) => d.writeUInt32LE(o === 0 ? this.uptime >>> 0 : this.scratch), write: (o, d) => { if (o === 4 && d.length === 4) this.scratch = d.readUInt32LE(0); } }];
+  // the timer keeps the process alive until dispose; uptime is not device state (not saved, not reset)
+  uptime = 0; scratch = 0; timer = null;
   constructor(period) { this.period = period; }
-  attach(ctx) { this.ctx = ctx; this.timer = setInterval(() => { if (this.ctx.running) this.ticks++; }, this.period); }
-  reset() { this.ticks = 0; }
-  saveState() { return { ticks: this.ticks }; }
-  loadState(s) { this.ticks = s.ticks; }
+  attach(ctx) { this.ctx = ctx; this.timer = setInterval(() => { if (this.ctx.running) this.uptime++; }, this.period); }
+  reset() { this.scratch = 0; }
+  saveState() { return { scratch: this.scratch }; }
+  loadState(s) { this.scratch = s.scratch; }
   dispose() { clearInterval(this.timer); }
 }
 export default { name: "ticker", description: "counts timer ticks", options, create: (raw) => new Ticker(parseOptions("ticker", options, raw).period) };

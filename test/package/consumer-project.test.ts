@@ -57,18 +57,20 @@ class Ticker {
   identity = { vendorId: 0x1234, deviceId: 0x71c4, classCode: 0xff0000 };
   capabilities = { msi: { vectors: 1 } };
   bars = [{ index: 0, size: 4096n, kind: "mem32", read: (o, d) => this.read(o, d), write: (o, d) => this.write(o, d) }];
-  s = { ticks: 0, scratch: 0 };
+  // device state: one scratch register; the timer's uptime counter is not state (not saved, not reset)
+  s = { scratch: 0 };
+  uptime = 0;
   timer = null;
   constructor(step) { this.step = step; }
   attach(ctx) {
     this.ctx = ctx;
-    this.timer = setInterval(() => { if (this.ctx.running) this.s.ticks = (this.s.ticks + this.step) >>> 0; }, 5);
+    this.timer = setInterval(() => { if (this.ctx.running) this.uptime = (this.uptime + this.step) >>> 0; }, 5);
   }
-  read(o, d) { if (d.length === 4) d.writeUInt32LE(o === 0 ? 0x71c40001 : o === 4 ? this.s.ticks : o === 8 ? this.s.scratch : 0); else d.fill(0xff); }
+  read(o, d) { if (d.length === 4) d.writeUInt32LE(o === 0 ? 0x71c40001 : o === 4 ? this.uptime : o === 8 ? this.s.scratch : 0); else d.fill(0xff); }
   write(o, d) { if (d.length === 4 && o === 8) this.s.scratch = d.readUInt32LE(0); }
-  reset() { this.s = { ticks: 0, scratch: 0 }; }
+  reset() { this.s = { scratch: 0 }; }
   saveState() { return { ...this.s }; }
-  loadState(state) { const r = readState("ticker", state); this.s = { ticks: r.u32("ticks"), scratch: r.u32("scratch") }; r.end(); }
+  loadState(state) { const r = readState("ticker", state); this.s = { scratch: r.u32("scratch") }; r.end(); }
   dispose() { clearInterval(this.timer); }
 }
 
@@ -84,19 +86,21 @@ class Ticker implements Device {
   readonly stateVersion = 1;
   readonly identity = { vendorId: 0x1234, deviceId: 0x71c5, classCode: 0xff0000 };
   readonly bars: readonly BarDefinition[] = [
-    { index: 0, size: 4096n, kind: "mem32", read: (o, d) => void d.writeUInt32LE(o === 4 ? this.ticks : 0x71c50001), write: () => {} },
+    { index: 0, size: 4096n, kind: "mem32", read: (o, d) => void d.writeUInt32LE(o === 4 ? this.uptime : o === 8 ? this.scratch : 0x71c50001), write: (o, d) => { if (o === 8 && d.length === 4) this.scratch = d.readUInt32LE(0); } },
   ];
-  private ticks = 0;
+  /** Not device state: counts while running, neither saved nor reset. */
+  private uptime = 0;
+  private scratch = 0;
   private timer: NodeJS.Timeout | undefined;
   private ctx!: DeviceContext;
   constructor(private readonly step: number) {}
   attach(ctx: DeviceContext): void {
     this.ctx = ctx;
-    this.timer = setInterval(() => { if (this.ctx.running) this.ticks = (this.ticks + this.step) >>> 0; }, 5);
+    this.timer = setInterval(() => { if (this.ctx.running) this.uptime = (this.uptime + this.step) >>> 0; }, 5);
   }
-  reset(): void { this.ticks = 0; }
-  saveState(): StateValue { return { ticks: this.ticks }; }
-  loadState(state: StateValue): void { const r = readState("ticker", state); this.ticks = r.u32("ticks"); r.end(); }
+  reset(): void { this.scratch = 0; }
+  saveState(): StateValue { return { scratch: this.scratch }; }
+  loadState(state: StateValue): void { const r = readState("ticker", state); this.scratch = r.u32("scratch"); r.end(); }
   dispose(): void { clearInterval(this.timer); }
 }
 
