@@ -11,11 +11,14 @@ export type {
   DeviceIdentity,
   DeviceOptions,
   Dma,
+  DmaSegment,
+  DmaViews,
   InterruptMode,
   Interrupts,
   PrecopyMemory,
   RegionHandlers,
   StateValue,
+  VendorCapability,
 } from "./device/api.ts";
 
 // Saved-state helpers for saveState / loadState.
