@@ -4,7 +4,14 @@
  * ioctl (struct vfio_precopy_info) over the socket, since vfio-user has no
  * data_fd to issue it on. Only valid in PRE_COPY states (the handler's rule).
  *
- *   request (8):   argsz u32 (>= 24, room for the reply), flags u32 (0)
+ *   request, two accepted shapes:
+ *     8 bytes:     argsz u32 (>= 24, room for the reply), flags u32 (0)
+ *     24 bytes:    struct vfio_precopy_info as a whole (argsz, flags,
+ *                  initial_bytes, dirty_bytes), the shape QEMU's migration
+ *                  prototype sends (eltrufas/qemu, hw/vfio-user/device.c):
+ *                  all zero, argsz included. argsz 0 is read as the
+ *                  struct's size (24); initial_bytes and dirty_bytes of a
+ *                  request carry nothing and are ignored.
  *   reply (24):    argsz u32 (24), flags u32 (0), initial_bytes u64, dirty_bytes u64
  */
 import { MessageSize } from "../constants.ts";
@@ -38,13 +45,18 @@ export function encodeMigGetPrecopyInfoRequest(msg: MigGetPrecopyInfoRequest): B
   return buf;
 }
 
-/** EINVAL unless the body is 8 bytes, argsz >= 24 and flags is 0. */
+/**
+ * EINVAL unless the body is 8 bytes (argsz >= 24) or 24 bytes (argsz 0,
+ * read as 24, or >= 24), and flags is 0.
+ */
 export function decodeMigGetPrecopyInfoRequest(body: Uint8Array): MigGetPrecopyInfoRequest {
   const what = "MIG_GET_PRECOPY_INFO";
-  needExactly(body, MessageSize.PRECOPY_INFO_REQUEST, what);
+  if (body.length !== MessageSize.PRECOPY_INFO) needExactly(body, MessageSize.PRECOPY_INFO_REQUEST, what);
   const view = viewOf(body);
-  const argsz = view.getUint32(0, true);
+  let argsz = view.getUint32(0, true);
   const flags = view.getUint32(4, true);
+  // the whole-struct shape: a client that never set argsz means the struct itself
+  if (body.length === MessageSize.PRECOPY_INFO && argsz === 0) argsz = MessageSize.PRECOPY_INFO;
   needArgsz(argsz, MessageSize.PRECOPY_INFO, what);
   needZero(flags, "flags", what);
   return { argsz, flags };

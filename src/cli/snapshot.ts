@@ -12,10 +12,10 @@
  * A refused stream (another device type or state version, a damaged file)
  * fails RESUMING -> STOP with EINVAL and the device enters ERROR, which VFIO
  * leaves only through DEVICE_RESET. restore therefore resets the device, so
- * it is RUNNING again in its power-on state, and exits 1 with the reason;
- * with --no-reset it leaves the device in ERROR for inspection. Either way
- * the state the device had before the restore is gone: entering RESUMING
- * already promised to replace it.
+ * it is RUNNING again in its power-on state, and exits 1 with the reason
+ * (the server would reset a device left in ERROR anyway when the client
+ * goes). The state the device had before the restore is gone: entering
+ * RESUMING already promised to replace it.
  *
  * The file is the stream as the server produced it (see
  * src/migration/state-stream.ts); nothing is added around it.
@@ -120,13 +120,8 @@ export async function snapshotSave(socket: string, file: string): Promise<Snapsh
   }
 }
 
-export interface RestoreOptions {
-  /** DEVICE_RESET after a refused stream so the device runs again (default true). */
-  reset?: boolean;
-}
-
 /** Loads `file` into the device behind `socket` and runs it. */
-export async function snapshotRestore(socket: string, file: string, opts: RestoreOptions = {}): Promise<SnapshotResult> {
+export async function snapshotRestore(socket: string, file: string): Promise<SnapshotResult> {
   const t0 = performance.now();
   let fd: number;
   try {
@@ -169,16 +164,9 @@ export async function snapshotRestore(socket: string, file: string, opts: Restor
     } catch (verdict) {
       if (verdict instanceof ConnectionClosedError) throw verdict;
       const errno = verdict instanceof VfioUserError ? verdict.errno : undefined;
-      let after: MigStateValue | undefined;
-      let what: string;
-      if (opts.reset ?? true) {
-        await client.reset();
-        after = await client.getMigState();
-        what = `the device was reset and is ${stateName(after)} in its power-on state`;
-      } else {
-        after = await client.getMigState().catch(() => undefined);
-        what = `the device is left in ${after !== undefined ? stateName(after) : "an unknown state"}; DEVICE_RESET recovers it`;
-      }
+      await client.reset();
+      const after = await client.getMigState();
+      const what = `the device was reset and is ${stateName(after)} in its power-on state`;
       const why = errno === Errno.EINVAL ? "the stream is not for this device (type or state version) or is damaged (the server logs which at debug level)" : describe(verdict);
       throw new SnapshotError(`the device refused ${file} (${errno !== undefined ? errnoName(errno) : "error"}): ${why}; ${what}`, errno, true, after);
     }
@@ -196,18 +184,16 @@ export async function snapshotRestore(socket: string, file: string, opts: Restor
 }
 
 export const SNAPSHOT_USAGE = `Usage: vfio-user-ts snapshot save --socket PATH --file FILE
-       vfio-user-ts snapshot restore --socket PATH --file FILE [--no-reset]
+       vfio-user-ts snapshot restore --socket PATH --file FILE
 
 save     stops the device, writes its migration stream to FILE, runs it again
 restore  loads FILE into the device (RESUMING -> STOP) and runs it. A stream
          the device refuses (other device type or version, damaged) exits 1;
-         the device is then reset to its power-on state and runs, unless
-         --no-reset leaves it in ERROR.
+         the device is then reset to its power-on state and runs.
 
 Options:
   --socket PATH   the server's UNIX socket (no other client may be attached)
   --file FILE     snapshot file
-  --no-reset      restore: leave a device that refused the file in ERROR
   -h, --help      this text`;
 
 export async function snapshotMain(argv: string[]): Promise<number> {
@@ -216,7 +202,6 @@ export async function snapshotMain(argv: string[]): Promise<number> {
     options: {
       socket: { type: "string" },
       file: { type: "string" },
-      "no-reset": { type: "boolean", default: false },
       help: { type: "boolean", short: "h", default: false },
     },
     strict: true,
@@ -231,13 +216,12 @@ export async function snapshotMain(argv: string[]): Promise<number> {
   if (extra.length > 0) throw new UsageError(`unexpected argument '${extra[0]}'`);
   if (!values.socket) throw new UsageError(`snapshot ${action} needs --socket PATH`);
   if (!values.file) throw new UsageError(`snapshot ${action} needs --file FILE`);
-  if (action === "save" && values["no-reset"]) throw new UsageError("--no-reset applies to restore only");
   try {
     if (action === "save") {
       const r = await snapshotSave(values.socket, values.file);
       console.log(`saved ${r.bytes} bytes of device state to ${values.file} in ${r.ms.toFixed(0)} ms`);
     } else {
-      const r = await snapshotRestore(values.socket, values.file, { reset: !values["no-reset"] });
+      const r = await snapshotRestore(values.socket, values.file);
       console.log(`restored ${r.bytes} bytes of device state from ${values.file} in ${r.ms.toFixed(0)} ms; the device is RUNNING`);
     }
     return 0;

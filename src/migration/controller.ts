@@ -77,6 +77,14 @@ export class MigrationController {
   private initialLeft = 0;
   /** Stop-copy: the END record goes once every page is out. */
   private endPending = false;
+  /**
+   * What the last MIG_DEVICE_STATE request finished, if it ended a
+   * migration: the stream read to its END (source, STOP_COPY -> STOP) or a
+   * stream loaded (destination, RESUMING -> STOP and on). Cleared by the
+   * next request. A client leaving in STOP after one of these has completed
+   * its migration (QEMU disconnects a source just so, DMA logging still on).
+   */
+  private finished: "saved" | "loaded" | null = null;
   private readonly log: Logger;
 
   constructor(
@@ -103,6 +111,7 @@ export class MigrationController {
   /** MIG_DEVICE_STATE SET: walk to `to`; a failed arc leaves ERROR and rethrows. */
   async setState(to: MigState): Promise<void> {
     const from = this.fsm.state;
+    this.finished = null;
     try {
       await this.fsm.transition(to, (a, b) => this.hop(a, b));
     } finally {
@@ -117,6 +126,12 @@ export class MigrationController {
   reset(): void {
     this.fsm.reset();
     this.dropStreams();
+    this.finished = null;
+  }
+
+  /** The migration the last state request completed ("saved" on a source, "loaded" on a destination), or null. */
+  get completed(): "saved" | "loaded" | null {
+    return this.finished;
   }
 
   private dropStreams(): void {
@@ -162,6 +177,8 @@ export class MigrationController {
       // cancelled: the device goes on as if nothing happened
       this.dropStreams();
     } else if (from === S.STOP_COPY && to === S.STOP) {
+      // a source whose client read the stream to its END has migrated
+      if (this.writer && !this.endPending && this.writer.pendingBytes === 0) this.finished = "saved";
       this.dropStreams();
     } else if (from === S.STOP && to === S.RESUMING) {
       this.resumeStates = [];
@@ -174,6 +191,7 @@ export class MigrationController {
         if (!reader) throw fail.io("no resume stream");
         reader.finish();
         this.loadState();
+        this.finished = "loaded";
       } catch (err) {
         this.discardPartialResume();
         throw err;

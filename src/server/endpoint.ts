@@ -13,6 +13,7 @@ import { DmaTable } from "../dma/dma-table.ts";
 import type { DirtyLog } from "../dma/dirty-bitmap.ts";
 import { InterruptController } from "../irq/interrupts.ts";
 import { MigrationController, type MigrationOptions } from "../migration/controller.ts";
+import { migStateName } from "../migration/fsm.ts";
 import { PciFunction } from "../pci/pci-function.ts";
 
 export interface EndpointOptions {
@@ -137,22 +138,47 @@ export class Endpoint {
     this.dma.socket = socket;
   }
 
-  /** Client gone: its DMA regions and eventfds are released; the device state stays. */
+  /**
+   * Client gone: its DMA regions, eventfds and DMA logging are released;
+   * what happens to the device depends on where its migration stood (VFIO
+   * returns a closed device to RUNNING, and the next client, like QEMU,
+   * assumes RUNNING on attach):
+   * - RUNNING: nothing more; the device state stays.
+   * - RESUMING: the migration is aborted, and abort is reset (the kernel's
+   *   rule): the partial stream is dropped and the device, config space
+   *   included, goes back to power-on, so nothing half-loaded survives.
+   * - ERROR: a DEVICE_RESET on the client's behalf; ERROR is not left to the
+   *   next client.
+   * - STOP after a completed migration (the stream read to its END, or a
+   *   stream loaded): back to RUNNING, state kept. QEMU leaves a migrated
+   *   source just so, with DMA logging still on: an ordinary end.
+   * - any other state (PRE_COPY, STOP_COPY, a STOP that ended nothing, the
+   *   P2P states): the migration dies with its client; back to RUNNING,
+   *   device state kept.
+   */
   detachClient(): void {
     this.dma.socket = null;
+    const logging = this.dirtyLog !== null;
     this.stopDirtyLog();
     this.dmaTable.removeAll();
     this.irq.releaseAll();
-    // A migration dies with the client that drove it (VFIO returns a closed
-    // device to RUNNING). Left alone, a client gone in STOP_COPY or RESUMING
-    // left the device stopped for the next client, which (like QEMU) assumes
-    // RUNNING on attach (robustness suite, lifecycle: "in the middle of
-    // PRE_COPY/STOP_COPY/RESUMING"). The device's own state is kept: no
-    // device reset, a half-written resume stream is dropped unapplied.
-    // ERROR stays: that needs a DEVICE_RESET from the next client.
     const mig = this.migration.state;
-    if (mig !== MigState.RUNNING && mig !== MigState.ERROR) {
-      this.log.info({ state: mig }, "client left mid-migration; back to RUNNING");
+    const state = migStateName(mig);
+    if (mig === MigState.RUNNING) {
+      if (logging) this.log.info("client left with DMA logging on; logging stopped");
+    } else if (mig === MigState.RESUMING) {
+      this.log.warn({ state }, "client left while RESUMING: partial stream dropped, device reset to power-on");
+      this.reset();
+    } else if (mig === MigState.ERROR) {
+      this.log.warn({ state }, "client left with the device in ERROR: device reset to power-on");
+      this.reset();
+    } else if (mig === MigState.STOP && this.migration.completed !== null) {
+      const what = this.migration.completed === "saved" ? "stream read to its end" : "stream loaded";
+      this.log.info({ state, logging }, `client left after a completed migration (${what}); back to RUNNING`);
+      this.migration.reset();
+      this.setRunning(true);
+    } else {
+      this.log.warn({ state }, "client left mid-migration; back to RUNNING, device state kept");
       this.migration.reset();
       this.setRunning(true);
     }

@@ -179,13 +179,22 @@ describe("a client that disconnects at any point (edu, child process)", () => {
     await expectDeviceKept();
   });
 
-  it("in the middle of RESUMING: nothing half-loaded, the device runs again", async () => {
+  it("in the middle of RESUMING: aborted, and abort is reset: the device runs again at power-on", async () => {
     const c = await withMarker();
     await migSet(c, MigState.RESUMING);
     expect(await c.errno(Command.MIG_DATA_WRITE, le().u32(16).u32(8).bytes(Buffer.from("VUDS\x01\x00\x00\x00", "latin1")).buf)).toBe(0);
     c.close();
     await expectFdsBack(s, baseline);
-    await expectDeviceKept();
+    const d = await RawClient.ready(s.socketPath);
+    try {
+      expect(await d.vendorId()).toBe(VENDOR);
+      expect((await d.read(RegionIndex.BAR0, DMA_SRC, 8)).readBigUInt64LE(0)).toBe(0n);
+      expect(await migGet(d)).toBe(MigState.RUNNING);
+    } finally {
+      d.close();
+      await d.waitClosed();
+    }
+    await expectFdsBack(s, baseline);
   });
 });
 

@@ -19,7 +19,7 @@ import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { gzipSync } from "node:zlib";
 import type { QemuExit } from "./qemu.ts";
-import { REPO_ROOT, qemuLauncher, qemuMode, qemuRootPath, toGuestPath, type SharedDir } from "./shared-dir.ts";
+import { REPO_ROOT, qemuLauncher, qemuMigRootPath, qemuMode, qemuRootPath, toGuestPath, type QemuBuild, type SharedDir } from "./shared-dir.ts";
 
 export const GUEST_KIT_SCRIPT = join(REPO_ROOT, "docker/guest-kit.sh");
 const KIT_STAMP = ".ready";
@@ -40,15 +40,17 @@ export type GuestKitStatus = { ok: true; kit: GuestKit; builtMs?: number } | { o
  * Where the kit is, as guest-kit.sh computes it: `$VFIO_USER_GUEST_KIT`,
  * else `<root>/opt/guest-kit` (chroot mode) or /var/cache/vfio-user-ts/guest-kit (native).
  */
-export function guestKitDir(): string {
+export function guestKitDir(build: QemuBuild = "debian"): string {
+  // the migrating QEMU's root has its own kit (docker/qemu-mig.sh builds it)
+  if (build !== "debian") return join(qemuMigRootPath(), "opt/guest-kit");
   const env = process.env.VFIO_USER_GUEST_KIT;
   if (env !== undefined && env !== "") return env;
   return qemuMode() === "chroot" ? join(qemuRootPath(), "opt/guest-kit") : NATIVE_KIT;
 }
 
-/** The kit if guest-kit.sh has completed it. */
-export function guestKit(): GuestKitStatus {
-  const dir = guestKitDir();
+/** The kit if guest-kit.sh has completed it (in the root of the given QEMU build). */
+export function guestKit(build: QemuBuild = "debian"): GuestKitStatus {
+  const dir = guestKitDir(build);
   const stamp = join(dir, KIT_STAMP);
   if (!existsSync(stamp)) return { ok: false, why: `guest kit ${dir} is not built (no ${KIT_STAMP}); run as root: docker/guest-kit.sh setup` };
   const kit: GuestKit = {
@@ -191,6 +193,8 @@ wait_uio() { timeout "$2" dd bs=4 count=1 2>/dev/null <&"$1" | hexdump -e '1/4 "
 
 export interface LinuxGuestOptions {
   dir: SharedDir;
+  /** Which QEMU (default Debian's); `dir` and `kit` must belong to the same build. */
+  qemu?: QemuBuild;
   kit: GuestKit;
   /** The whole /init script (start it with GUEST_PRELUDE). */
   init: string;
@@ -282,9 +286,9 @@ export async function bootLinuxGuest(o: LinuxGuestOptions): Promise<LinuxGuestRu
     deviceProps: o.deviceProps,
     extraArgs: o.extraArgs,
   });
-  const launcher = qemuLauncher();
+  const launcher = qemuLauncher(o.qemu);
   const t0 = performance.now();
-  const proc = spawn(launcher.file, [...launcher.args, ...args], { stdio: ["ignore", "pipe", "pipe"] });
+  const proc = spawn(launcher.file, [...launcher.args, ...args], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...launcher.env } });
   let out = "";
   let err = "";
   let partial = "";

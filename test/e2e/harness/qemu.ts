@@ -25,10 +25,12 @@ import { readdirSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { Qtest } from "./qtest.ts";
 import { Qmp } from "./qmp.ts";
-import { qemuLauncher, toGuestPath, type SharedDir } from "./shared-dir.ts";
+import { qemuLauncher, toGuestPath, type QemuBuild, type SharedDir } from "./shared-dir.ts";
 
 export interface StartQemuOptions {
   dir: SharedDir;
+  /** Which QEMU (default Debian's 11.1.3); `dir` must come from makeSharedDir with the same build. */
+  qemu?: QemuBuild;
   /** Guest RAM in MiB (default 256). */
   memMiB?: number;
   /**
@@ -170,9 +172,10 @@ export async function startQemu(opts: StartQemuOptions): Promise<QemuInstance> {
 
   installExitHook();
   const t0 = performance.now();
-  const launcher = qemuLauncher();
+  const launcher = qemuLauncher(opts.qemu);
   const proc = spawn(launcher.file, [...launcher.args, ...args], {
     stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, ...launcher.env },
   });
   live.add(proc);
   let err = "";

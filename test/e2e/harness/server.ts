@@ -139,6 +139,10 @@ export interface CliServer {
   stdout(): string;
   /** The server's log (JSON lines on stderr). */
   stderr(): string;
+  /** The same log, line by line (marks and parsed records, as for an in-process server). */
+  readonly log: LogCapture;
+  /** Records at level warn (40) or above, after `mark`. */
+  problems(mark?: number): LogRecord[];
   readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
   /** SIGTERM (the CLI's clean shutdown), SIGKILL after `killAfterMs`. Idempotent. */
   stop(killAfterMs?: number): Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
@@ -172,10 +176,20 @@ export async function spawnCliServer(opts: {
   liveCli.add(proc);
   let out = "";
   let err = "";
+  const capture = new LogCapture(200_000, false);
+  let partial = "";
   proc.stdout!.setEncoding("utf8");
   proc.stderr!.setEncoding("utf8");
   proc.stderr!.on("data", (s: string) => {
     err = (err + s).slice(-1 << 20);
+    // whole lines only: a pipe may split one
+    const nl = s.lastIndexOf("\n");
+    if (nl < 0) {
+      partial += s;
+    } else {
+      capture.write(partial + s.slice(0, nl + 1));
+      partial = s.slice(nl + 1);
+    }
     if (process.env.VFIO_USER_E2E_LOG === "1") process.stderr.write(s.replace(/^(?=.)/gm, "[cli] "));
   });
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
@@ -232,6 +246,8 @@ export async function spawnCliServer(opts: {
     startMs: performance.now() - t0,
     stdout: () => out,
     stderr: () => err,
+    log: capture,
+    problems: (mark = 0) => capture.records(mark).filter((r) => r.level >= 40),
     exited,
     stop,
   };

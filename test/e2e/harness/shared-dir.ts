@@ -33,6 +33,35 @@ const MIN_QEMU: readonly [number, number] = [11, 1];
 
 export type QemuMode = "chroot" | "native";
 
+/**
+ * Which QEMU: Debian's 11.1.3 (`debian`, every ordinary e2e test), or the
+ * vfio-user migration prototype built by docker/qemu-mig.sh into a copy of
+ * the root (`mig`: the prototype plus three client bug fixes; `mig-asfound`:
+ * the prototype as its authors left it). The migrating builds run only in
+ * chroot mode, from their own root.
+ */
+export type QemuBuild = "debian" | "mig" | "mig-asfound";
+
+const MIG_ROOT_DEFAULT = "/var/cache/vfio-user-ts/qemu-mig-root";
+/** The migrating builds' binaries, as paths inside their root (docker/qemu-mig.sh). */
+const MIG_BINARIES: Readonly<Record<Exclude<QemuBuild, "debian">, string>> = {
+  mig: "/opt/qemu-vfio-user-mig/bin/qemu-system-x86_64",
+  "mig-asfound": "/opt/qemu-vfio-user-mig-asfound/bin/qemu-system-x86_64",
+};
+export const QEMU_MIG_SCRIPT = join(REPO_ROOT, "docker/qemu-mig.sh");
+
+/** The migrating builds' root: `$VFIO_USER_QEMU_MIG_ROOT` or the default. */
+export function qemuMigRootPath(): string {
+  const env = process.env.VFIO_USER_QEMU_MIG_ROOT;
+  return resolve(env !== undefined && env !== "" ? env : MIG_ROOT_DEFAULT);
+}
+
+/** The root a build runs in (chroot), or null when it runs natively. */
+function rootOf(build: QemuBuild): string | null {
+  if (build !== "debian") return qemuMigRootPath();
+  return qemuMode() === "native" ? null : qemuRootPath();
+}
+
 export interface SharedDir {
   /** The directory as the test sees it (chroot mode: `<root>/tmp/vfu-XXXXXX`). */
   readonly host: string;
@@ -67,9 +96,17 @@ export function qemuRootReady(): boolean {
   return existsSync(join(qemuRootPath(), STAMP));
 }
 
-/** How to start QEMU: `file` then `args`, then QEMU's own arguments. */
-export function qemuLauncher(): { file: string; args: string[] } {
-  return qemuMode() === "native" ? { file: QEMU_BINARY, args: [] } : { file: "sh", args: [QEMU_ROOT_SCRIPT, "exec", QEMU_BINARY] };
+/**
+ * How to start QEMU: `file` then `args`, then QEMU's own arguments, with
+ * `env` added to the environment (the root that qemu-root.sh enters).
+ */
+export function qemuLauncher(build: QemuBuild = "debian"): { file: string; args: string[]; env: Record<string, string> } {
+  if (build !== "debian") {
+    return { file: "sh", args: [QEMU_ROOT_SCRIPT, "exec", MIG_BINARIES[build]], env: { VFIO_USER_QEMU_ROOT: qemuMigRootPath() } };
+  }
+  return qemuMode() === "native"
+    ? { file: QEMU_BINARY, args: [], env: {} }
+    : { file: "sh", args: [QEMU_ROOT_SCRIPT, "exec", QEMU_BINARY], env: { VFIO_USER_QEMU_ROOT: qemuRootPath() } };
 }
 
 /**
@@ -94,27 +131,32 @@ export function qemuRootPath(): string {
 }
 
 /**
- * QEMU's spelling of a host path: in chroot mode the path inside the root
- * (throws for a path outside it, which QEMU could not reach); in native mode
- * the path itself.
+ * QEMU's spelling of a host path: inside one of the roots (Debian's, or the
+ * migrating builds') the path inside that root; in native mode, a path
+ * outside every root is itself. In chroot mode a path outside the roots
+ * throws: QEMU could not reach it.
  */
 export function toGuestPath(hostPath: string): string {
   const abs = resolve(hostPath);
-  if (qemuMode() === "native") return abs;
-  const root = qemuRootPath();
-  if (abs === root) return "/";
-  if (!abs.startsWith(root + "/")) {
-    throw new Error(`path ${hostPath} is outside the QEMU root ${root}; QEMU (chrooted) cannot reach it`);
+  for (const root of [qemuMigRootPath(), ...(qemuMode() === "native" ? [] : [qemuRootPath()])]) {
+    if (abs === root) return "/";
+    if (abs.startsWith(root + "/")) return abs.slice(root.length);
   }
-  return abs.slice(root.length);
+  if (qemuMode() === "native") return abs;
+  throw new Error(`path ${hostPath} is outside the QEMU root ${qemuRootPath()}; QEMU (chrooted) cannot reach it`);
 }
 
-/** A fresh directory visible to QEMU: under `<root>/tmp/` (chroot), or the system temp dir (native). */
-export function makeSharedDir(prefix = "vfu-"): SharedDir {
+/**
+ * A fresh directory visible to the given QEMU build: under `<root>/tmp/`
+ * (chroot), or the system temp dir (native). Both QEMUs of a migration use
+ * the same build, hence one directory.
+ */
+export function makeSharedDir(prefix = "vfu-", build: QemuBuild = "debian"): SharedDir {
+  const root = rootOf(build);
   let parent = tmpdir();
-  if (qemuMode() === "chroot") {
-    parent = join(qemuRootPath(), "tmp");
-    if (!existsSync(parent)) throw new Error(`QEMU root ${qemuRootPath()} has no tmp/ directory (is it set up? run: docker/qemu-root.sh setup)`);
+  if (root !== null) {
+    parent = join(root, "tmp");
+    if (!existsSync(parent)) throw new Error(`QEMU root ${root} has no tmp/ directory (is it set up? run: ${build === "debian" ? "docker/qemu-root.sh setup" : "docker/qemu-mig.sh setup"})`);
   }
   const host = mkdtempSync(join(parent, prefix));
   return { host, guest: toGuestPath(host), cleanup: once(() => rmSync(host, { recursive: true, force: true })) };
@@ -148,6 +190,48 @@ function once(fn: () => void): () => void {
 export type QemuAvailability = { ok: true; version: string } | { ok: false; why: string };
 
 let cachedAvailability: QemuAvailability | undefined;
+const cachedMigAvailability = new Map<QemuBuild, QemuAvailability>();
+
+/**
+ * Whether a migrating build can run here: its root is there, the binary is
+ * built (docker/qemu-mig.sh setup) and `--version` runs inside the root and
+ * names the vfio-user-mig build. Cached per process.
+ */
+export function qemuMigAvailable(build: Exclude<QemuBuild, "debian"> = "mig"): QemuAvailability {
+  const hit = cachedMigAvailability.get(build);
+  if (hit) return hit;
+  let r: QemuAvailability;
+  try {
+    r = probeMig(build);
+  } catch (e) {
+    r = { ok: false, why: (e as Error).message };
+  }
+  cachedMigAvailability.set(build, r);
+  return r;
+}
+
+function probeMig(build: Exclude<QemuBuild, "debian">): QemuAvailability {
+  const root = qemuMigRootPath();
+  const setup = `docker/qemu-mig.sh setup ${build === "mig" ? "fixed" : "asfound"} (as root; needs the qemu-mig build scripts of ../shared/qemu-mig)`;
+  if (process.platform !== "linux") return { ok: false, why: `the migrating QEMU runs in a chroot and needs Linux (platform is ${process.platform})` };
+  if (!existsSync(join(root, STAMP))) return { ok: false, why: `the migrating QEMU's root ${root} does not exist; run ${setup}` };
+  const bin = MIG_BINARIES[build];
+  if (!existsSync(join(root, bin))) return { ok: false, why: `the migrating QEMU (${build}) is not built: ${root}${bin} is missing; run ${setup}` };
+  try {
+    const launcher = qemuLauncher(build);
+    const out = execFileSync(launcher.file, [...launcher.args, "--version"], {
+      encoding: "utf8",
+      timeout: 20_000,
+      stdio: ["ignore", "pipe", "pipe"],
+      env: { ...process.env, ...launcher.env },
+    });
+    const v = versionLine(out);
+    if (v.ok && !out.includes("vfio-user-mig")) return { ok: false, why: `${root}${bin} is not the vfio-user-mig build: ${v.version}` };
+    return v;
+  } catch (e) {
+    return { ok: false, why: `${bin} --version failed in ${root}: ${failure(e)}` };
+  }
+}
 
 /**
  * Whether the harness can run QEMU here. Chroot mode: the root exists and

@@ -508,6 +508,12 @@ describe("golden: MIG_DATA_READ / MIG_DATA_WRITE / MIG_GET_PRECOPY_INFO", () => 
     { argsz: 24, flags: 0 },
     "18000000 | 00000000",
   );
+  it("MIG_GET_PRECOPY_INFO request, the 24-byte shape QEMU's prototype sends (all zero, argsz 0 read as 24)", () => {
+    // argsz  | flags    | initial_bytes    | dirty_bytes (ignored in a request)
+    expect(decodeMigGetPrecopyInfoRequest(hex("00000000 | 00000000 | 0000000000000000 | 0000000000000000"))).toEqual({ argsz: 24, flags: 0 });
+    expect(decodeMigGetPrecopyInfoRequest(hex("18000000 | 00000000 | 0100000000000000 | 0200000000000000"))).toEqual({ argsz: 24, flags: 0 });
+    expect(decodeMigGetPrecopyInfoRequest(hex("00010000 | 00000000 | 0000000000000000 | 0000000000000000"))).toEqual({ argsz: 256, flags: 0 });
+  });
   golden(
     "MIG_GET_PRECOPY_INFO reply (extension)",
     encodeMigGetPrecopyInfoReply,

@@ -215,6 +215,9 @@ const cases: [string, Decoder, string, number][] = [
   ["PRECOPY_INFO: short", decodeMigGetPrecopyInfoRequest, "18000000", Errno.EINVAL],
   ["PRECOPY_INFO: argsz below 24", decodeMigGetPrecopyInfoRequest, "17000000 00000000", Errno.EINVAL],
   ["PRECOPY_INFO: flags set", decodeMigGetPrecopyInfoRequest, "18000000 01000000", Errno.EINVAL],
+  ["PRECOPY_INFO: 24-byte shape with flags set", decodeMigGetPrecopyInfoRequest, "00000000 01000000 0000000000000000 0000000000000000", Errno.EINVAL],
+  ["PRECOPY_INFO: 24-byte shape with argsz 8", decodeMigGetPrecopyInfoRequest, "08000000 00000000 0000000000000000 0000000000000000", Errno.EINVAL],
+  ["PRECOPY_INFO: 16 bytes", decodeMigGetPrecopyInfoRequest, "18000000 00000000 0000000000000000", Errno.EINVAL],
 ];
 
 describe("malformed bodies", () => {

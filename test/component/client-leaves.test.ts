@@ -1,0 +1,246 @@
+/**
+ * What a client leaving does to the device, by where its migration stood
+ * (src/server/endpoint.ts detachClient), and the destination's RESUMING ->
+ * RUNNING in one request as QEMU asks it (it never asks for STOP first).
+ * In-process servers (edu, bigmem 1 MiB) and the project's client over real
+ * UNIX sockets; each case has its own servers and reads only its own log.
+ */
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { pino } from "pino";
+import { afterEach, describe, expect, it } from "vitest";
+import { BigmemDevice, BigmemReg } from "../../devices/bigmem/bigmem.ts";
+import { EduDevice } from "../../devices/edu/edu.ts";
+import { Errno, MigState, RegionIndex } from "../../protocol/constants.ts";
+import { VfioUserError } from "../../protocol/errors.ts";
+import { VfioUserClient } from "../../src/client/client.ts";
+import type { Device } from "../../src/device/api.ts";
+import { VfioUserServer } from "../../src/server/server.ts";
+import { LogCapture } from "../e2e/harness/server.ts";
+
+const EDU_LIVENESS = 0x04;
+const MiB = 1 << 20;
+
+interface Served {
+  server: VfioUserServer;
+  log: LogCapture;
+  socket: string;
+}
+
+let dir: string | undefined;
+const servers: VfioUserServer[] = [];
+const clients: VfioUserClient[] = [];
+
+afterEach(async () => {
+  for (const c of clients.splice(0)) c.close();
+  for (const s of servers.splice(0)) await s.close();
+  if (dir) rmSync(dir, { recursive: true, force: true });
+  dir = undefined;
+});
+
+function serve(device: Device, name: string): Served {
+  dir ??= mkdtempSync(join(tmpdir(), "vfu-leaves-"));
+  const log = new LogCapture(10_000, false);
+  const server = new VfioUserServer({ device, log: pino({ level: "info", base: undefined }, log) });
+  const socket = join(dir, `${name}.sock`);
+  server.listen(socket);
+  servers.push(server);
+  return { server, log, socket };
+}
+
+async function connect(s: Served): Promise<VfioUserClient> {
+  const c = await VfioUserClient.connect(s.socket, { requestTimeoutMs: 5000 });
+  clients.push(c);
+  await c.negotiate();
+  return c;
+}
+
+/** Closes the client and waits until the server has run its detach. */
+async function leave(s: Served, c: VfioUserClient): Promise<void> {
+  c.close();
+  await c.closedPromise;
+  for (let i = 0; i < 200 && s.server.connection !== null; i++) await new Promise((r) => setTimeout(r, 5));
+  expect(s.server.connection).toBeNull();
+}
+
+/** The whole stop-copy stream of a source (to its empty read). */
+async function saveAll(c: VfioUserClient): Promise<Buffer> {
+  const parts: Buffer[] = [];
+  for (;;) {
+    const b = await c.migDataRead();
+    if (b.length === 0) break;
+    parts.push(Buffer.from(b));
+  }
+  return Buffer.concat(parts);
+}
+
+const messages = (s: Served, mark: number, minLevel = 30) =>
+  s.log
+    .records(mark)
+    .filter((r) => r.level >= minLevel)
+    .map((r) => r.msg);
+
+describe("a client leaving", () => {
+  it("after a completed migration (source in STOP, stream read to its END, DMA logging on): an ordinary end, back to RUNNING, state kept", async () => {
+    const edu = new EduDevice();
+    const s = serve(edu, "src");
+    const c = await connect(s);
+    await c.writeU32(RegionIndex.BAR0, EDU_LIVENESS, 0x1234);
+    await c.dmaLoggingStart(4096n, [{ iova: 0n, length: 1n << 30n }]);
+    await c.setMigState(MigState.PRE_COPY);
+    await c.setMigState(MigState.STOP_COPY);
+    expect((await saveAll(c)).length).toBeGreaterThan(0);
+    await c.setMigState(MigState.STOP);
+    const mark = s.log.length;
+    await leave(s, c);
+    const msgs = messages(s, mark);
+    expect(msgs.some((m) => m.startsWith("client left after a completed migration (stream read to its end)"))).toBe(true);
+    expect(msgs.filter((m) => /mid-migration/.test(m))).toEqual([]);
+    expect(s.log.records(mark).filter((r) => r.level >= 40)).toEqual([]);
+    expect(s.server.endpoint.migrationState).toBe(MigState.RUNNING);
+    expect(s.server.endpoint.running).toBe(true);
+    const d = await connect(s);
+    expect(await d.readU32(RegionIndex.BAR0, EDU_LIVENESS)).toBe(~0x1234 >>> 0);
+  });
+
+  it("in STOP_COPY with the stream half read: mid-migration (warn), back to RUNNING, state kept", async () => {
+    const big = new BigmemDevice({ size: "1M" });
+    const s = serve(big, "src");
+    const c = await connect(s);
+    await c.writeU32(RegionIndex.BAR2, 0x100, 0xabcd);
+    await c.setMigState(MigState.STOP_COPY);
+    expect((await c.migDataRead(4096)).length).toBe(4096);
+    const mark = s.log.length;
+    await leave(s, c);
+    expect(messages(s, mark, 40)).toEqual(["client left mid-migration; back to RUNNING, device state kept"]);
+    expect(s.server.endpoint.migrationState).toBe(MigState.RUNNING);
+    const d = await connect(s);
+    expect(await d.readU32(RegionIndex.BAR2, 0x100)).toBe(0xabcd);
+  });
+
+  it("in STOP that ended no migration (RUNNING -> STOP): mid-migration, back to RUNNING", async () => {
+    const s = serve(new EduDevice(), "src");
+    const c = await connect(s);
+    await c.setMigState(MigState.STOP);
+    const mark = s.log.length;
+    await leave(s, c);
+    expect(messages(s, mark, 40)).toEqual(["client left mid-migration; back to RUNNING, device state kept"]);
+    expect(s.server.endpoint.migrationState).toBe(MigState.RUNNING);
+  });
+
+  it("in RESUMING after part of a stream wrote device memory: the partial stream is dropped and the device, config space included, is at power-on", async () => {
+    // a real stream from a source whose memory and config space differ from power-on
+    // 4 MiB: four 1 MiB MEMORY records, so a stream cut short has applied the first ones
+    const src = serve(new BigmemDevice({ size: "4M" }), "src");
+    const a = await connect(src);
+    await a.writeU32(RegionIndex.BAR2, 0x2000, 0x5a5a5a5a);
+    await a.setMigState(MigState.STOP_COPY);
+    const stream = await saveAll(a);
+    expect(stream.length).toBeGreaterThan(4 * MiB);
+
+    const dstDev = new BigmemDevice({ size: "4M" });
+    const dst = serve(dstDev, "dst");
+    const b = await connect(dst);
+    // the destination's own config-space and register state before the migration
+    await b.enableDevice({ memory: true, busMaster: true });
+    await b.writeU32(RegionIndex.BAR0, BigmemReg.DMA_GUEST, 0x1000);
+    await b.writeU32(RegionIndex.BAR2, 0x3000, 0x77);
+    await b.setMigState(MigState.RESUMING);
+    await b.migDataWrite(stream.subarray(0, stream.length - 64 * 1024));
+    // the memory record carrying 0x2000 has arrived and was applied
+    expect(Buffer.from(dstDev.precopyMemory.readPage(2)).readUInt32LE(0)).toBe(0x5a5a5a5a);
+    const mark = dst.log.length;
+    await leave(dst, b);
+    expect(messages(dst, mark, 40)).toEqual(["client left while RESUMING: partial stream dropped, device reset to power-on"]);
+    expect(dst.server.endpoint.migrationState).toBe(MigState.RUNNING);
+    const d = await connect(dst);
+    expect(await d.readU32(RegionIndex.BAR2, 0x2000)).toBe(0);
+    expect(await d.readU32(RegionIndex.BAR2, 0x3000)).toBe(0);
+    expect(await d.readU32(RegionIndex.BAR0, BigmemReg.DMA_GUEST)).toBe(0);
+    const command = (await d.regionRead(RegionIndex.CONFIG, 4, 2)).readUInt16LE(0);
+    expect(command & 0x6).toBe(0);
+  });
+
+  it("in ERROR: the device is reset and the next client finds RUNNING", async () => {
+    const s = serve(new EduDevice(), "dst");
+    const c = await connect(s);
+    await c.writeU32(RegionIndex.BAR0, EDU_LIVENESS, 0x55);
+    await c.setMigState(MigState.RESUMING);
+    // a stream with nothing in it is refused at RESUMING -> STOP: ERROR
+    await expect(c.setMigState(MigState.STOP)).rejects.toMatchObject({ errno: Errno.EINVAL });
+    expect(await c.getMigState()).toBe(MigState.ERROR);
+    const mark = s.log.length;
+    await leave(s, c);
+    expect(messages(s, mark, 40)).toEqual(["client left with the device in ERROR: device reset to power-on"]);
+    const d = await connect(s);
+    expect(await d.getMigState()).toBe(MigState.RUNNING);
+    // power-on liveness reads 0 (edu inverts what is written)
+    expect(await d.readU32(RegionIndex.BAR0, EDU_LIVENESS)).toBe(0);
+  });
+});
+
+describe("RESUMING -> RUNNING in one request (QEMU's destination)", () => {
+  async function sourceStream(): Promise<{ stream: Buffer; liveness: number }> {
+    const s = serve(new EduDevice(), "src");
+    const c = await connect(s);
+    await c.writeU32(RegionIndex.BAR0, EDU_LIVENESS, 0xc0ffee);
+    await c.setMigState(MigState.STOP_COPY);
+    const stream = await saveAll(c);
+    await c.setMigState(MigState.STOP);
+    return { stream, liveness: ~0xc0ffee >>> 0 };
+  }
+
+  it("a valid stream is validated and loaded inside the walk; the device runs with the source's state", async () => {
+    const { stream, liveness } = await sourceStream();
+    const dst = serve(new EduDevice(), "dst");
+    const c = await connect(dst);
+    await c.setMigState(MigState.RESUMING);
+    await c.migDataWrite(stream);
+    const mark = dst.log.length;
+    expect((await c.setMigState(MigState.RUNNING)).deviceState).toBe(MigState.RUNNING);
+    expect(await c.readU32(RegionIndex.BAR0, EDU_LIVENESS)).toBe(liveness);
+    const rec = dst.log.records(mark).find((r) => r.msg === "migration state");
+    expect(rec).toMatchObject({ from: "RESUMING", to: "RUNNING", now: "RUNNING" });
+    // and leaving now is an ordinary end
+    const mark2 = dst.log.length;
+    await leave(dst, c);
+    expect(dst.log.records(mark2).filter((r) => r.level >= 40)).toEqual([]);
+  });
+
+  it("with P2P: RESUMING -> RUNNING_P2P -> RUNNING, one request each, as QEMU does", async () => {
+    const { stream, liveness } = await sourceStream();
+    dir ??= mkdtempSync(join(tmpdir(), "vfu-leaves-"));
+    const log = new LogCapture(10_000, false);
+    const server = new VfioUserServer({ device: new EduDevice(), log: pino({ level: "info", base: undefined }, log), migration: { p2p: true } });
+    const socket = join(dir, "p2p.sock");
+    server.listen(socket);
+    servers.push(server);
+    const c = await connect({ server, log, socket: socket });
+    await c.setMigState(MigState.RESUMING);
+    await c.migDataWrite(stream);
+    expect((await c.setMigState(MigState.RUNNING_P2P)).deviceState).toBe(MigState.RUNNING_P2P);
+    expect((await c.setMigState(MigState.RUNNING)).deviceState).toBe(MigState.RUNNING);
+    expect(await c.readU32(RegionIndex.BAR0, EDU_LIVENESS)).toBe(liveness);
+  });
+
+  it("a truncated stream is refused inside the walk: ERROR, nothing loaded, and DEVICE_RESET recovers (QEMU's recovery)", async () => {
+    const { stream } = await sourceStream();
+    const dst = serve(new EduDevice(), "dst");
+    const c = await connect(dst);
+    await c.writeU32(RegionIndex.BAR0, EDU_LIVENESS, 0x77);
+    await c.setMigState(MigState.RESUMING);
+    await c.migDataWrite(stream.subarray(0, stream.length - 8));
+    const err = await c.setMigState(MigState.RUNNING).then(
+      () => null,
+      (e: unknown) => e,
+    );
+    expect(err).toBeInstanceOf(VfioUserError);
+    expect((err as VfioUserError).errno).toBe(Errno.EINVAL);
+    expect(await c.getMigState()).toBe(MigState.ERROR);
+    // nothing of the source's state was loaded: the destination's own register is intact
+    expect(await c.readU32(RegionIndex.BAR0, EDU_LIVENESS)).toBe(~0x77 >>> 0);
+    await c.reset();
+    expect(await c.getMigState()).toBe(MigState.RUNNING);
+  });
+});

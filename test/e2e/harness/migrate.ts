@@ -1,0 +1,116 @@
+/**
+ * Live-migrating a VM between two QEMUs over QMP, as a management layer
+ * does: the destination was started with `-incoming defer`; both get the
+ * same migration capabilities (QEMU checks that `return-path` matches), the
+ * source gets its parameters, the destination listens on a UNIX socket in
+ * the shared directory, the source migrates to it. The MIGRATION events of
+ * both sides are collected, so a test can act at a given stage (e.g. cancel
+ * once the source is `active`) and see how each side ended. No vitest here.
+ */
+import { join } from "node:path";
+import type { QemuInstance } from "./qemu.ts";
+import { toGuestPath, type SharedDir } from "./shared-dir.ts";
+
+/** The parts of `query-migrate` the tests read. */
+export interface MigrateInfo {
+  status: string;
+  "total-time"?: number;
+  downtime?: number;
+  "expected-downtime"?: number;
+  "setup-time"?: number;
+  ram?: { transferred: number; total: number; duplicate: number; normal: number; "dirty-sync-count"?: number; remaining?: number };
+  vfio?: { transferred: number };
+  "error-desc"?: string;
+}
+
+export const MIGRATION_END = ["completed", "failed", "cancelled"] as const;
+export type MigrationEnd = (typeof MIGRATION_END)[number];
+
+export interface MigrationOptions {
+  /** Capabilities set on both sides (`events` is always set). */
+  capabilities?: Record<string, boolean>;
+  /** `migrate-set-parameters` on the source, e.g. `{ "downtime-limit": 5, "max-bandwidth": 16 << 20 }`. */
+  parameters?: Record<string, unknown>;
+  /** Socket name inside the shared dir (default `migration-N.sock`). */
+  socketName?: string;
+}
+
+export interface Migration {
+  /** `unix:` URI as QEMU sees it. */
+  readonly uri: string;
+  /** MIGRATION statuses the source reported so far, in order. */
+  sourceStatuses(): string[];
+  /** MIGRATION statuses the destination reported so far, in order. */
+  destinationStatuses(): string[];
+  /** Resolves with the source's first status among `statuses` (default: an end state). */
+  waitSource(statuses?: readonly string[], timeoutMs?: number): Promise<string>;
+  /** Same for the destination. */
+  waitDestination(statuses?: readonly string[], timeoutMs?: number): Promise<string>;
+  /** Waits for the source's end state and returns it with `query-migrate` and the wall time since `migrate`. */
+  finish(timeoutMs?: number): Promise<{ status: MigrationEnd; info: MigrateInfo; wallMs: number }>;
+}
+
+let socketCounter = 0;
+
+/** Sets both sides up and sends `migrate`; returns at once (the migration runs). */
+export async function startMigration(src: QemuInstance, dst: QemuInstance, dir: SharedDir, opts: MigrationOptions = {}): Promise<Migration> {
+  const caps = Object.entries({ ...opts.capabilities, events: true }).map(([capability, state]) => ({ capability, state }));
+  await dst.qmp.execute("migrate-set-capabilities", { capabilities: caps });
+  await src.qmp.execute("migrate-set-capabilities", { capabilities: caps });
+  if (opts.parameters && Object.keys(opts.parameters).length > 0) await src.qmp.execute("migrate-set-parameters", opts.parameters);
+  const uri = `unix:${toGuestPath(join(dir.host, opts.socketName ?? `migration-${process.pid}-${++socketCounter}.sock`))}`;
+  await dst.qmp.execute("migrate-incoming", { uri });
+
+  // MIGRATION events from here on, read from each side's event log (not
+  // consumed, so a test's own waitEvent calls are not disturbed)
+  const statusesOf = (q: QemuInstance, since: number) => () =>
+    q.qmp
+      .allEvents()
+      .filter((ev) => ev.seq >= since && ev.event === "MIGRATION")
+      .map((ev) => String(ev.data.status));
+  const sourceStatuses = statusesOf(src, src.qmp.allEvents().length);
+  const destinationStatuses = statusesOf(dst, dst.qmp.allEvents().length);
+  const waitFor = (side: string, seen: () => string[]) => async (want: readonly string[] = MIGRATION_END, timeoutMs = 120_000): Promise<string> => {
+    const deadline = performance.now() + timeoutMs;
+    for (;;) {
+      const hit = seen().find((st) => want.includes(st));
+      if (hit !== undefined) return hit;
+      if (performance.now() > deadline) throw new Error(`${side}: no MIGRATION status ${want.join("|")} within ${timeoutMs} ms (seen: ${seen().join(", ") || "none"})`);
+      await new Promise((r) => setTimeout(r, 10));
+    }
+  };
+  const waitSource = waitFor("source", sourceStatuses);
+  const waitDestination = waitFor("destination", destinationStatuses);
+
+  const t0 = performance.now();
+  await src.qmp.execute("migrate", { uri });
+  return {
+    uri,
+    sourceStatuses,
+    destinationStatuses,
+    waitSource,
+    waitDestination,
+    async finish(timeoutMs = 120_000) {
+      const status = (await waitSource(MIGRATION_END, timeoutMs)) as MigrationEnd;
+      const wallMs = performance.now() - t0;
+      const info = await src.qmp.execute<MigrateInfo>("query-migrate");
+      return { status, info, wallMs };
+    },
+  };
+}
+
+/** `query-status` of a QEMU: running, paused, inmigrate, postmigrate, ... */
+export async function runState(q: QemuInstance): Promise<string> {
+  return (await q.qmp.execute<{ status: string }>("query-status")).status;
+}
+
+/** One line for logs: status, total time, downtime, RAM and device bytes. */
+export function describeMigration(r: { status: string; info: MigrateInfo; wallMs: number }): string {
+  const i = r.info;
+  const mib = (n: number | undefined) => (n === undefined ? "?" : `${(n / 1048576).toFixed(1)} MiB`);
+  return (
+    `${r.status} in ${r.wallMs.toFixed(0)} ms wall (QEMU total-time ${i["total-time"] ?? "?"} ms, downtime ${i.downtime ?? "?"} ms, ` +
+    `setup ${i["setup-time"] ?? "?"} ms), RAM ${mib(i.ram?.transferred)} (${i.ram?.["dirty-sync-count"] ?? "?"} dirty syncs), device ${mib(i.vfio?.transferred)}` +
+    (i["error-desc"] ? `; error: ${i["error-desc"]}` : "")
+  );
+}
