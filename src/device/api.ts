@@ -258,6 +258,18 @@ export interface Device {
    * whose state implies an asserted line calls `irq.setLevel(true)` here.
    */
   runStateChanged?(running: boolean): void;
+  /**
+   * Called before a running device is stopped for migration (the arcs from
+   * RUNNING or PRE_COPY to STOP or STOP_COPY), while `ctx.running` is still
+   * true: stop taking new work, and resolve once every request in flight has
+   * completed (its DMA done, its interrupt sent) or is recorded in what
+   * `saveState` will return. The state machine waits for it; nothing the
+   * device started may DMA or interrupt after it resolves. A device with
+   * storage behind it flushes here. Work the guest queued meanwhile stays
+   * queued for the destination (or for `runStateChanged(true)` if the
+   * migration is cancelled). A rejection fails the arc (ERROR).
+   */
+  quiesce?(): Promise<void>;
   /** Small device state (registers) for migration and snapshots. */
   saveState(): StateValue;
   /** Load what saveState returned (already checked for type and version). */

@@ -90,6 +90,18 @@ export class Endpoint {
     if (running) this.irq.reevaluate();
   }
 
+  /**
+   * Before a running device stops for migration: the device's own quiesce
+   * (in-flight requests completed or recorded in its state). A device that
+   * throws fails the arc (ERROR).
+   */
+  async quiesce(): Promise<void> {
+    if (!this.isRunning || !this.device.quiesce) return;
+    const t0 = performance.now();
+    await this.device.quiesce();
+    this.log.debug({ ms: Math.round(performance.now() - t0) }, "device quiesced");
+  }
+
   regionSize(index: number): bigint {
     return this.pci.regionSize(index);
   }
