@@ -11,6 +11,7 @@ export type {
   DeviceIdentity,
   DeviceOptions,
   Dma,
+  Doorbell,
   DmaSegment,
   DmaViews,
   InterruptMode,

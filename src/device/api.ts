@@ -27,6 +27,24 @@ export interface RegionHandlers {
   write(offset: number, data: Buffer): void;
 }
 
+/**
+ * A doorbell: a register whose writes only mean "look now" (virtio's queue
+ * notify). A client that can (KVM) turns it into an ioeventfd through
+ * GET_REGION_IO_FDS, and the guest's writes then ring it without a message;
+ * every other write still reaches the BAR's `write` handler as usual, so a
+ * device handles both.
+ */
+export interface Doorbell {
+  /** Offset in the BAR. */
+  readonly offset: number;
+  /** Width of the guest's write. */
+  readonly size: 1 | 2 | 4 | 8;
+  /** Only writes of this value ring it (KVM's DATAMATCH); absent: any value does. */
+  readonly datamatch?: bigint;
+  /** Rung through the ioeventfd (one call may stand for several writes). */
+  ring(): void;
+}
+
 /** One BAR of the device. */
 export interface BarDefinition extends RegionHandlers {
   index: number;
@@ -34,6 +52,8 @@ export interface BarDefinition extends RegionHandlers {
   size: bigint;
   kind: "mem32" | "mem64" | "io";
   prefetchable?: boolean;
+  /** Doorbells a client may serve as ioeventfds (see Doorbell). */
+  doorbells?: readonly Doorbell[];
 }
 
 /** Capabilities the framework builds into config space, in this order. */

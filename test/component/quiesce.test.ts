@@ -41,7 +41,7 @@ class SlowToStop extends CounterDevice {
     return f !== null;
   }
 
-  runStateChanged(running: boolean): void {
+  override runStateChanged(running: boolean): void {
     this.events.push(running ? "running" : "stopped");
   }
 }
