@@ -29,6 +29,20 @@ export interface Chain {
   readonly writable: DmaSegment[];
 }
 
+/**
+ * Adds a buffer to a segment list, merged into the last one when it follows
+ * it in guest memory (a guest's pages are often contiguous): fewer pieces to
+ * map and fewer iovecs for the file.
+ */
+function append(list: DmaSegment[], address: bigint, length: number): void {
+  const last = list[list.length - 1];
+  if (last !== undefined && last.address + BigInt(last.length) === address && last.length + length <= 0xffff_ffff) {
+    list[list.length - 1] = { address: last.address, length: last.length + length };
+  } else {
+    list.push({ address, length });
+  }
+}
+
 /** Most entries an indirect table may have (Linux uses seg_max + 2; the spec sets no bound). */
 export const MAX_INDIRECT_ENTRIES = 4096;
 
@@ -230,9 +244,9 @@ export class SplitQueue implements QueueConfig, RingPosition {
         seen = 0;
         continue;
       }
-      if (flags & Desc.F_WRITE) writable.push({ address, length });
+      if (flags & Desc.F_WRITE) append(writable, address, length);
       else if (writable.length > 0) throw new RingError(`chain from ${head}: a device-readable buffer after a device-writable one`);
-      else readable.push({ address, length });
+      else append(readable, address, length);
       if (!(flags & Desc.F_NEXT)) break;
       if (next >= entries) throw new RingError(`chain from ${head}: next index ${next} is outside the ${entries}-entry table`);
       i = next;

@@ -101,14 +101,13 @@ export class DmaEngine implements Dma {
       const p = pieces[i]!;
       const w = windows[i]!;
       // a view may not cross one of the server's mapping windows: cut there too
-      const ws = BigInt(w.windowSize);
-      let at = p.address - p.region.iova;
+      const ws = w.windowSize;
+      let at = Number(p.address - p.region.iova);
       let left = p.length;
       while (left > 0) {
-        const room = Number(ws - (at % ws));
-        const n = Math.min(left, room);
-        buffers.push(w.view(at, n));
-        at += BigInt(n);
+        const n = Math.min(left, ws - (at % ws));
+        buffers.push(w.view(BigInt(at), n));
+        at += n;
         left -= n;
       }
       length += p.length;
@@ -140,8 +139,11 @@ export class DmaEngine implements Dma {
   private plan(segments: readonly DmaSegment[], access: "read" | "write"): Piece[] {
     const table = this.table();
     const pieces: Piece[] = [];
-    for (const s of segments) {
-      const { address, length } = s;
+    // a scatter-gather list mostly stays in one region: look it up again only on leaving it
+    let region: DmaRegion | null = null;
+    let regionEnd = 0n;
+    for (let i = 0; i < segments.length; i++) {
+      const { address, length } = segments[i]!;
       if (!Number.isSafeInteger(length) || length < 0) throw fail.inval(`DMA length ${length} is not a byte count`);
       if (typeof address !== "bigint" || address < 0n || address + BigInt(length) - 1n > U64_MAX) {
         throw fail.inval(`DMA range [${String(address)}, +${length}) is not inside the 64-bit address space`);
@@ -149,27 +151,36 @@ export class DmaEngine implements Dma {
       let at = address;
       let left = length;
       while (left > 0) {
-        let region: DmaRegion;
-        try {
-          region = table.lookup(at, 1n);
-        } catch {
-          throw fail.fault(`DMA range [${hex(address)}, +0x${length.toString(16)}) is not mapped at ${hex(at)}`);
+        if (region === null || at < region.iova || at >= regionEnd) {
+          region = this.regionAt(table, at, address, length, access);
+          regionEnd = region.iova + region.size;
         }
-        const mem = region.memory;
-        if (mem instanceof GuestWindow && mem.closing) {
-          throw fail.fault(`DMA range [${hex(address)}, +0x${length.toString(16)}) is being unmapped at ${hex(at)}`);
-        }
-        if (access === "read" ? !region.readable : !region.writable) {
-          throw fail.perm(`DMA region at ${hex(region.iova)} is not ${access === "read" ? "readable" : "writable"}`);
-        }
-        const room = region.iova + region.size - at;
+        const room = regionEnd - at;
         const n = room < BigInt(left) ? Number(room) : left;
         pieces.push({ region, address: at, length: n });
-        at += BigInt(n);
         left -= n;
+        if (left > 0) at += BigInt(n);
       }
     }
     return pieces;
+  }
+
+  /** The region holding `at`, checked for the access (EFAULT, EPERM). */
+  private regionAt(table: DmaTable, at: bigint, address: bigint, length: number, access: "read" | "write"): DmaRegion {
+    let region: DmaRegion;
+    try {
+      region = table.lookup(at, 1n);
+    } catch {
+      throw fail.fault(`DMA range [${hex(address)}, +0x${length.toString(16)}) is not mapped at ${hex(at)}`);
+    }
+    const mem = region.memory;
+    if (mem instanceof GuestWindow && mem.closing) {
+      throw fail.fault(`DMA range [${hex(address)}, +0x${length.toString(16)}) is being unmapped at ${hex(at)}`);
+    }
+    if (access === "read" ? !region.readable : !region.writable) {
+      throw fail.perm(`DMA region at ${hex(region.iova)} is not ${access === "read" ? "readable" : "writable"}`);
+    }
+    return region;
   }
 
   private async gather(pieces: readonly Piece[], length: number): Promise<Buffer> {
