@@ -380,7 +380,8 @@ export class VirtioBlkDevice implements Device {
   private queueFailed(q: number, err: unknown, gen: number): void {
     // a stop or a reset while the ring was read: the next run takes it from where it was
     if (gen !== this.generation || !this.ctx.running) return;
-    this.warn({ queue: q, err: (err as Error).message, ring: err instanceof RingError }, "virtio-blk: queue failed; device needs a reset");
+    // info, not warn: a guest can provoke it at will, and so does a client that left (its memory went with it)
+    this.note("info", { queue: q, err: (err as Error).message, ring: err instanceof RingError }, "virtio-blk: queue failed; device needs a reset");
     this.transport.needsReset();
   }
 
@@ -643,10 +644,14 @@ export class VirtioBlkDevice implements Device {
     for (const q of this.transport.queues) q.pendingElements = [];
   }
 
-  /** Log lines a guest can provoke: the first few, then one in a hundred. */
   private warn(fields: Record<string, unknown>, msg: string): void {
+    this.note("warn", fields, msg);
+  }
+
+  /** Log lines a guest can provoke: the first few, then one in a hundred. */
+  private note(level: "info" | "warn", fields: Record<string, unknown>, msg: string): void {
     const n = ++this.warnings;
-    if (n <= 10 || n % 100 === 0) this.ctx.log.warn({ ...fields, count: n }, msg);
+    if (n <= 10 || n % 100 === 0) this.ctx.log[level]({ ...fields, count: n }, msg);
   }
 }
 

@@ -53,7 +53,7 @@ export interface Migration {
 let socketCounter = 0;
 
 /** Sets both sides up and sends `migrate`; returns at once (the migration runs). */
-export async function startMigration(src: QemuInstance, dst: QemuInstance, dir: SharedDir, opts: MigrationOptions = {}): Promise<Migration> {
+export async function startMigration(src: Pick<QemuInstance, "qmp">, dst: Pick<QemuInstance, "qmp">, dir: SharedDir, opts: MigrationOptions = {}): Promise<Migration> {
   const caps = Object.entries({ ...opts.capabilities, events: true }).map(([capability, state]) => ({ capability, state }));
   await dst.qmp.execute("migrate-set-capabilities", { capabilities: caps });
   await src.qmp.execute("migrate-set-capabilities", { capabilities: caps });
@@ -63,7 +63,7 @@ export async function startMigration(src: QemuInstance, dst: QemuInstance, dir: 
 
   // MIGRATION events from here on, read from each side's event log (not
   // consumed, so a test's own waitEvent calls are not disturbed)
-  const statusesOf = (q: QemuInstance, since: number) => () =>
+  const statusesOf = (q: Pick<QemuInstance, "qmp">, since: number) => () =>
     q.qmp
       .allEvents()
       .filter((ev) => ev.seq >= since && ev.event === "MIGRATION")
