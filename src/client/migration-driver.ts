@@ -21,8 +21,10 @@
  *               until empty; last REPORT + copy; DMA_LOGGING_STOP; source
  *               -> STOP; destination RESUMING -> STOP (its answer says
  *               whether the stream was accepted), [-> RUNNING_P2P],
- *               -> RUNNING. Downtime runs from the STOP_COPY request (the
- *               P2P step included) to the destination reaching RUNNING.
+ *               -> RUNNING; or, as QEMU does it (destinationResume
+ *               "direct"), RESUMING -> [RUNNING_P2P ->] RUNNING without the
+ *               STOP. Downtime runs from the STOP_COPY request (the P2P
+ *               step included) to the destination reaching RUNNING.
  *
  * Failures: cancel() during setup or pre-copy, a refused stream at the
  * destination, or any error, bring the source back to RUNNING (logging
@@ -61,6 +63,14 @@ export interface MigrationDriverOptions {
   beforeDestinationRunning?: () => Promise<void>;
   /** Reset the destination after a failure (default true). */
   resetDestinationOnFailure?: boolean;
+  /**
+   * How the destination leaves RESUMING: "via-stop" asks RESUMING -> STOP
+   * (its answer says whether the stream was accepted), then RUNNING;
+   * "direct" is QEMU's way, RESUMING -> RUNNING (or -> RUNNING_P2P, then
+   * RUNNING) in one request, the stream validated and applied inside it.
+   * Default "via-stop".
+   */
+  destinationResume?: "via-stop" | "direct";
   /** Called after each pre-copy round; a returned promise is waited for before the next round. */
   onRound?: (round: RoundStats) => void | Promise<void>;
   /** Progress messages. */
@@ -390,11 +400,20 @@ export class MigrationDriver {
 
       this.phase = "resume";
       this.destinationStopRequested = true;
-      await this.onDestination("the stream (RESUMING -> STOP)", () => dst.client.setMigState(MigState.STOP));
-      marks.push(performance.now());
-      await this.opts.beforeDestinationRunning?.();
-      if (dstP2P) await this.onDestination("RUNNING_P2P", () => dst.client.setMigState(MigState.RUNNING_P2P));
-      await this.onDestination("RUNNING", () => dst.client.setMigState(MigState.RUNNING));
+      if (this.opts.destinationResume === "direct") {
+        // QEMU's way: the interrupts are wired while loading, and the first request out of RESUMING runs the device
+        await this.opts.beforeDestinationRunning?.();
+        const first = dstP2P ? MigState.RUNNING_P2P : MigState.RUNNING;
+        await this.onDestination(`the stream (RESUMING -> ${stateName(first)})`, () => dst.client.setMigState(first));
+        marks.push(performance.now());
+        if (dstP2P) await this.onDestination("RUNNING", () => dst.client.setMigState(MigState.RUNNING));
+      } else {
+        await this.onDestination("the stream (RESUMING -> STOP)", () => dst.client.setMigState(MigState.STOP));
+        marks.push(performance.now());
+        await this.opts.beforeDestinationRunning?.();
+        if (dstP2P) await this.onDestination("RUNNING_P2P", () => dst.client.setMigState(MigState.RUNNING_P2P));
+        await this.onDestination("RUNNING", () => dst.client.setMigState(MigState.RUNNING));
+      }
       const t1 = performance.now();
       const downtimeMs = t1 - t0;
       const [m0, m1, m2, m3] = marks as [number, number, number, number];

@@ -44,7 +44,7 @@ import { MigState } from "../../protocol/constants.ts";
 import { VfioUserError, fail } from "../../protocol/errors.ts";
 import type { Endpoint } from "../server/endpoint.ts";
 import { MigrationFsm, deviceMayRun, featuresToFlags, migStateName, type MigrationFeatures } from "./fsm.ts";
-import { RecordKind, StateStreamReader, StateStreamWriter, type DecodedRecord, type StreamHeader } from "./state-stream.ts";
+import { END_RECORD_SIZE, RecordKind, StateStreamReader, StateStreamWriter, stateRecordSize, streamStartSize, type DecodedRecord, type StreamHeader } from "./state-stream.ts";
 
 /** Pages per MEMORY record: 1 MiB of 4 KiB pages. */
 const PAGES_PER_RECORD = 256;
@@ -204,9 +204,13 @@ export class MigrationController {
   private beginSaving(): void {
     this.dropStreams();
     const w = new StateStreamWriter();
-    const dev = this.endpoint.device;
-    w.header({ deviceType: dev.type, deviceVersion: dev.stateVersion, configSize: this.endpoint.pci.config.size });
+    w.header(this.streamHeader());
     this.writer = w;
+  }
+
+  private streamHeader(): StreamHeader {
+    const dev = this.endpoint.device;
+    return { deviceType: dev.type, deviceVersion: dev.stateVersion, configSize: this.endpoint.pci.config.size };
   }
 
   private queuePages(pages: Iterable<number>): void {
@@ -323,26 +327,45 @@ export class MigrationController {
   }
 
 
-  /** MIG_DATA_SIZE: bytes a stop-copy would still produce from here. */
+  /**
+   * MIG_DATA_SIZE: bytes a stop-copy would still produce from here, what
+   * QEMU's switch-over decision rests on: what is queued, every page still
+   * to go (unsent, or dirtied since it was sent) with its record framing,
+   * and, until stop-copy has queued them, the STATE record as it would be
+   * now (the device's state encoded, so its size is exact) and END.
+   */
   stopCopySize(): bigint {
     const mem = this.memory;
     const pageSize = mem?.pageSize ?? 0;
     let pages = this.pagesToSend.length - this.pageCursor;
     if (mem) pages += this.writer ? mem.dirtyPageCount() : Number(mem.size / BigInt(mem.pageSize));
     const records = Math.ceil(pages / PAGES_PER_RECORD);
-    const stateBytes = 4096 + this.endpoint.pci.config.size * 2;
-    return BigInt((this.writer?.pendingBytes ?? 0) + pages * pageSize + records * MEMORY_RECORD_OVERHEAD + stateBytes);
+    let bytes = (this.writer?.pendingBytes ?? 0) + pages * pageSize + records * MEMORY_RECORD_OVERHEAD;
+    if (this.fsm.state !== MigState.STOP_COPY) {
+      // no stream yet: its preamble and HEADER come first
+      if (!this.writer) bytes += streamStartSize(this.streamHeader());
+      bytes += stateRecordSize(this.snapshot()) + END_RECORD_SIZE;
+    } else if (this.endPending) {
+      bytes += END_RECORD_SIZE;
+    }
+    return BigInt(bytes);
   }
 
-  /** Pre-copy info: what the first pass still has, and what was dirtied since. */
+  /**
+   * Pre-copy info: the bytes the first pass still has (initial_bytes), and
+   * those of pages dirtied since they were sent (dirty_bytes), each with
+   * its MEMORY record framing and whatever of it is already queued.
+   */
   precopyInfo(): { initialBytes: bigint; dirtyBytes: bigint } {
     const mem = this.memory;
-    const pageSize = BigInt(mem?.pageSize ?? 0);
-    const pending = BigInt(this.writer?.pendingBytes ?? 0);
-    const initialBytes = BigInt(this.initialLeft) * pageSize + (this.initialLeft > 0 ? pending : 0n);
-    const queuedDirty = this.initialLeft > 0 ? 0 : this.pagesToSend.length - this.pageCursor;
-    const dirtyBytes = BigInt(queuedDirty + (mem?.dirtyPageCount() ?? 0)) * pageSize + (this.initialLeft > 0 ? 0n : pending);
-    return { initialBytes, dirtyBytes };
+    const pageSize = mem?.pageSize ?? 0;
+    const pending = this.writer?.pendingBytes ?? 0;
+    const withFraming = (pages: number) => pages * pageSize + Math.ceil(pages / PAGES_PER_RECORD) * MEMORY_RECORD_OVERHEAD;
+    const inFirstPass = this.initialLeft > 0;
+    const initialBytes = inFirstPass ? withFraming(this.initialLeft) + pending : 0;
+    const queuedDirty = inFirstPass ? 0 : this.pagesToSend.length - this.pageCursor;
+    const dirtyBytes = withFraming(queuedDirty + (mem?.dirtyPageCount() ?? 0)) + (inFirstPass ? 0 : pending);
+    return { initialBytes: BigInt(initialBytes), dirtyBytes: BigInt(dirtyBytes) };
   }
 
   // ---- destination: MIG_DATA_WRITE ----

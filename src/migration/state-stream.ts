@@ -352,8 +352,9 @@ export interface StateStreamReaderOptions {
   /** Largest payload accepted per record (default DEFAULT_MAX_RECORD_LENGTH). */
   readonly maxRecordLength?: number;
   /**
-   * Receive each record (after the HEADER) once its CRC matched, instead of
-   * collecting it; keeps memory bounded by one record. A record delivered
+   * Receive each record, the HEADER first, once its CRC matched, instead of
+   * collecting it; keeps memory bounded by one record. (A consumer judges
+   * the HEADER here, before any MEMORY record can be applied.) A record delivered
    * here may still be followed by a damaged one: the stream is only known
    * good when finish() returns. An error thrown here fails the stream.
    */
@@ -361,6 +362,19 @@ export interface StateStreamReaderOptions {
 }
 
 type Phase = "preamble" | "recordHeader" | "payload" | "crc" | "ended";
+
+/** Bytes a STATE record holding `value` takes in the stream (framing included). */
+export function stateRecordSize(value: unknown): number {
+  return RECORD_HEADER_SIZE + packr.pack(value).byteLength + RECORD_CRC_SIZE;
+}
+
+/** Bytes of a stream's start: the preamble and the HEADER record for `meta`. */
+export function streamStartSize(meta: StreamHeader): number {
+  return PREAMBLE_SIZE + RECORD_HEADER_SIZE + packr.pack(meta).byteLength + RECORD_CRC_SIZE;
+}
+
+/** Bytes of the END record. */
+export const END_RECORD_SIZE = RECORD_HEADER_SIZE + RECORD_CRC_SIZE;
 
 /**
  * Destination side. Fed in chunks of any size; every error is a
@@ -551,6 +565,8 @@ export class StateStreamReader {
     const record = this.#decode(kind, payload);
     if (record.kind === RecordKind.HEADER) {
       this.#header = record.header;
+      // a streaming consumer judges the HEADER the moment it arrives (device type and version)
+      this.#onRecord?.(record);
       return;
     }
     if (this.#onRecord) this.#onRecord(record);

@@ -11,7 +11,7 @@ import { fail } from "../../protocol/errors.ts";
 import { DmaEngine, type SocketDma } from "../dma/dma-engine.ts";
 import { DmaTable } from "../dma/dma-table.ts";
 import type { DirtyLog } from "../dma/dirty-bitmap.ts";
-import { InterruptController } from "../irq/interrupts.ts";
+import { InterruptController, type LimitedLog } from "../irq/interrupts.ts";
 import { MigrationController, type MigrationOptions } from "../migration/controller.ts";
 import { migStateName } from "../migration/fsm.ts";
 import { PciFunction } from "../pci/pci-function.ts";
@@ -51,7 +51,7 @@ export class Endpoint {
     counts[IrqIndex.MSIX] = caps?.msix?.vectors ?? 0;
     counts[IrqIndex.ERR] = 0;
     counts[IrqIndex.REQ] = 0;
-    this.irq = new InterruptController(counts, this.pci.config, Boolean(device.interruptPin), () => this.isRunning, opts.log, opts.closeFd);
+    this.irq = new InterruptController(counts, this.pci.config, Boolean(device.interruptPin), () => this.isRunning, opts.log, opts.closeFd, this.pci.msixTable);
     this.dmaTable = new DmaTable(opts.maxDmaMaps);
     this.dma = new DmaEngine(() => this.dmaTable, () => this.isRunning && this.pci.config.busMaster);
     const config = this.pci.config;
@@ -156,8 +156,10 @@ export class Endpoint {
     this.dma.dirty = null;
   }
 
-  attachClient(socket: SocketDma): void {
+  /** A client connected: DMA over its socket, interrupt warnings through its rate-limited log. */
+  attachClient(socket: SocketDma, logLimited?: LimitedLog): void {
     this.dma.socket = socket;
+    this.irq.logLimited = logLimited ?? null;
   }
 
   /**
@@ -180,6 +182,7 @@ export class Endpoint {
    */
   detachClient(): void {
     this.dma.socket = null;
+    this.irq.logLimited = null;
     const logging = this.dirtyLog !== null;
     this.stopDirtyLog();
     this.dmaTable.removeAll();

@@ -158,6 +158,24 @@ describe("failure paths", () => {
     rmSync(dir, { recursive: true, force: true });
   });
 
+  it("QEMU's way out of RESUMING (one request to RUNNING, no STOP): the destination has the source's memory and registers and runs", async () => {
+    const src = await attachGuest(srcServer);
+    const dst = await attachGuest(dstServer, { enable: false });
+    await src.fillFromGuest();
+    const sum = await src.checksum();
+    const regs = await src.registers();
+    const driver = new MigrationDriver(...sides(src, dst), { destinationResume: "direct" });
+    const m = await driver.run();
+    expect(await dst.client.getMigState()).toBe(MigState.RUNNING);
+    expect(await dst.checksum()).toBe(sum);
+    // the registers as the source left them (the checksum run above included)
+    const after = await dst.registers();
+    for (const [k, v] of regs) if (!/csum|irq/i.test(k)) expect([k, after.get(k)]).toEqual([k, v]);
+    const works = await checkDeviceWorks(dst, "destination");
+    expect(works.ok, works.detail).toBe(true);
+    expect(m.downtime.loadMs).toBeGreaterThanOrEqual(0);
+  });
+
   it("cancel during pre-copy returns the source to RUNNING with nothing lost", async () => {
     const src = await attachGuest(srcServer);
     const dst = await attachGuest(dstServer, { enable: false });

@@ -8,7 +8,10 @@
  * once the source is `active`) and see how each side ended. No vitest here.
  */
 import { join } from "node:path";
-import type { QemuInstance } from "./qemu.ts";
+import type { Qmp } from "./qmp.ts";
+
+/** Anything with a QMP connection: a qtest QEMU or a Linux VM. */
+type Vm = { readonly qmp: Qmp };
 import { toGuestPath, type SharedDir } from "./shared-dir.ts";
 
 /** The parts of `query-migrate` the tests read. */
@@ -53,7 +56,7 @@ export interface Migration {
 let socketCounter = 0;
 
 /** Sets both sides up and sends `migrate`; returns at once (the migration runs). */
-export async function startMigration(src: Pick<QemuInstance, "qmp">, dst: Pick<QemuInstance, "qmp">, dir: SharedDir, opts: MigrationOptions = {}): Promise<Migration> {
+export async function startMigration(src: Vm, dst: Vm, dir: SharedDir, opts: MigrationOptions = {}): Promise<Migration> {
   const caps = Object.entries({ ...opts.capabilities, events: true }).map(([capability, state]) => ({ capability, state }));
   await dst.qmp.execute("migrate-set-capabilities", { capabilities: caps });
   await src.qmp.execute("migrate-set-capabilities", { capabilities: caps });
@@ -63,7 +66,7 @@ export async function startMigration(src: Pick<QemuInstance, "qmp">, dst: Pick<Q
 
   // MIGRATION events from here on, read from each side's event log (not
   // consumed, so a test's own waitEvent calls are not disturbed)
-  const statusesOf = (q: Pick<QemuInstance, "qmp">, since: number) => () =>
+  const statusesOf = (q: Vm, since: number) => () =>
     q.qmp
       .allEvents()
       .filter((ev) => ev.seq >= since && ev.event === "MIGRATION")
@@ -100,7 +103,7 @@ export async function startMigration(src: Pick<QemuInstance, "qmp">, dst: Pick<Q
 }
 
 /** `query-status` of a QEMU: running, paused, inmigrate, postmigrate, ... */
-export async function runState(q: QemuInstance): Promise<string> {
+export async function runState(q: Vm): Promise<string> {
   return (await q.qmp.execute<{ status: string }>("query-status")).status;
 }
 
@@ -110,7 +113,7 @@ export function describeMigration(r: { status: string; info: MigrateInfo; wallMs
   const mib = (n: number | undefined) => (n === undefined ? "?" : `${(n / 1048576).toFixed(1)} MiB`);
   return (
     `${r.status} in ${r.wallMs.toFixed(0)} ms wall (QEMU total-time ${i["total-time"] ?? "?"} ms, downtime ${i.downtime ?? "?"} ms, ` +
-    `setup ${i["setup-time"] ?? "?"} ms), RAM ${mib(i.ram?.transferred)} (${i.ram?.["dirty-sync-count"] ?? "?"} dirty syncs), device ${mib(i.vfio?.transferred)}` +
+    `setup ${i["setup-time"] ?? "?"} ms), stream ${mib(i.ram?.transferred)} (${i.ram?.normal ?? "?"} RAM pages sent, ${i.ram?.["dirty-sync-count"] ?? "?"} dirty syncs), device ${mib(i.vfio?.transferred)}` +
     (i["error-desc"] ? `; error: ${i["error-desc"]}` : "")
   );
 }

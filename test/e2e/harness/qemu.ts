@@ -280,7 +280,7 @@ export async function startQemu(opts: StartQemuOptions): Promise<QemuInstance> {
 }
 
 /** Listen on a UNIX socket and resolve with the first connection. */
-function listenOnce(path: string, servers: Server[], sockets: Socket[]): { listening: Promise<void>; connected: Promise<Socket> } {
+export function listenOnce(path: string, servers: Server[], sockets: Socket[]): { listening: Promise<void>; connected: Promise<Socket> } {
   let onConn!: (s: Socket) => void;
   const connected = new Promise<Socket>((resolve) => {
     onConn = resolve;

@@ -15,7 +15,7 @@ import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { pino, type Logger } from "pino";
 import type { Device } from "../../../src/device/api.ts";
-import { VfioUserServer } from "../../../src/server/server.ts";
+import { VfioUserServer, type ServerOptions } from "../../../src/server/server.ts";
 import { REPO_ROOT, type SharedDir } from "./shared-dir.ts";
 
 /** One parsed pino line (`msg`, `level`, `time` and the fields the server logged). */
@@ -106,6 +106,9 @@ export interface StartServerOptions {
   trace?: boolean;
   /** pino level (default debug). */
   level?: pino.LevelWithSilent;
+  /** Handlers that replace the server's own (a test's fault on one command). */
+  handlers?: ServerOptions["handlers"];
+  migration?: ServerOptions["migration"];
 }
 
 /** Start a `VfioUserServer` in this process, listening in `dir`. */
@@ -113,7 +116,7 @@ export function startServer(opts: StartServerOptions): ServerHandle {
   const capture = new LogCapture();
   const log: Logger = pino({ level: opts.level ?? "debug", base: undefined }, capture);
   const socketPath = join(opts.dir.host, opts.name ?? `${opts.device.type}.sock`);
-  const server = new VfioUserServer({ device: opts.device, log, trace: opts.trace ?? true });
+  const server = new VfioUserServer({ device: opts.device, log, trace: opts.trace ?? true, handlers: opts.handlers, migration: opts.migration });
   server.listen(socketPath);
   let closed = false;
   return {

@@ -195,13 +195,26 @@ describe("round trip", () => {
     expect(w.read(-5).byteLength).toBe(0);
   });
 
-  it("an onRecord sink receives records in order instead of collecting them", () => {
+  it("an onRecord sink receives every record in order, the HEADER first, instead of collecting them", () => {
     const seen: DecodedRecord[] = [];
     const reader = new StateStreamReader({ onRecord: (r) => seen.push(r) });
     const got = feed(sampleBytes(), 100, reader);
     expect(got.records).toEqual([]);
     expect(got.header).toEqual(HEADER);
-    expect(seen.map((r) => r.kind)).toEqual([2, 3, 3, 3, 3, 2]);
+    expect(seen.map((r) => r.kind)).toEqual([RecordKind.HEADER, 2, 3, 3, 3, 3, 2]);
+    expect(seen[0]).toEqual({ kind: RecordKind.HEADER, header: HEADER });
+  });
+
+  it("a sink that refuses the HEADER fails the stream before any later record reaches it", () => {
+    const seen: number[] = [];
+    const reader = new StateStreamReader({
+      onRecord: (r) => {
+        seen.push(r.kind);
+        if (r.kind === RecordKind.HEADER) throw new VfioUserError(Errno.EINVAL, "wrong device type");
+      },
+    });
+    expect(() => reader.push(sampleBytes())).toThrow(/wrong device type/);
+    expect(seen).toEqual([RecordKind.HEADER]);
   });
 
   it("a sink that throws fails the stream", () => {
