@@ -25,8 +25,8 @@ import { afterAll, beforeAll, expect, it } from "vitest";
 import { describeQemuMig } from "./harness/describe-qemu.ts";
 import { makeSharedDir, type SharedDir } from "./harness/shared-dir.ts";
 import { received, startServer, type ServerHandle } from "./harness/server.ts";
-import { GUEST_PRELUDE, ensureGuestKit, resultMap, type GuestKitStatus } from "./harness/linux-guest.ts";
-import { makeInitramfs, startLinuxVm, type LinuxVm } from "./harness/linux-vm.ts";
+import { GUEST_PRELUDE, ensureGuestKit, parseResults, resultMap, type GuestKitStatus } from "./harness/linux-guest.ts";
+import { makeInitrd, startLinuxVm, type LinuxVm } from "./harness/linux-vm.ts";
 import { describeMigration, startMigration } from "./harness/migrate.ts";
 import { VirtioBlkDevice } from "../../devices/virtio-blk/virtio-blk.ts";
 
@@ -93,20 +93,23 @@ describeQemuMig("live migration of a Linux guest writing to our virtio-blk (migr
       ctx.skip(kit.why);
       return;
     }
-    const initrd = makeInitramfs(dir, kit.kit, INIT);
-    const common = { dir, qemu: "mig" as const, kit: kit.kit, initrd, memMiB: MEM_MIB, deviceProps: { id: "vblk0", addr: "4.0" } };
-    src = await startLinuxVm({ ...common, name: "src", vfioUserSocket: a.socketPath });
-    dst = await startLinuxVm({ ...common, name: "dst", vfioUserSocket: b.socketPath, incoming: true });
+    const initrd = makeInitrd(dir, kit.kit, INIT);
+    const common = { dir, qemu: "mig" as const, kit: kit.kit, initrd, memMiB: MEM_MIB };
+    const props = { id: "vblk0", addr: "4.0" };
+    src = await startLinuxVm({ ...common, devices: [{ socket: a.socketPath, props }] });
+    dst = await startLinuxVm({ ...common, devices: [{ socket: b.socketPath, props }], incoming: true });
     const why = () =>
-      `source console:\n${src!.lines().slice(-30).map((l) => l.text).join("\n")}\ndestination console:\n${dst!.lines().slice(-30).map((l) => l.text).join("\n")}\n` +
+      `source console:\n${src!.lines().slice(-30).join("\n")}\ndestination console:\n${dst!.lines().slice(-30).join("\n")}\n` +
       `source stderr:\n${src!.stderr().slice(-2000)}\ndestination stderr:\n${dst!.stderr().slice(-2000)}\nserver A:\n${a.log.tail(30)}\nserver B:\n${b.log.tail(30)}`;
 
     await src.waitLine(new RegExp(`^RESULT wrote ${START_AT}$`), 120_000);
     const mark = { a: a.log.length, b: b.log.length };
     const t0 = performance.now();
+    const srcAtStart = src.lines().length;
     const migration = await startMigration(src, dst, dir);
     const result = await migration.finish(180_000);
     const t1 = performance.now();
+    const dstAtEnd = dst.lines().length;
     console.log(`[virtio-blk migration] ${describeMigration(result)}`);
     expect(result.status, `${describeMigration(result)}\n${why()}`).toBe("completed");
     // the guest goes on on the destination and finishes there
@@ -116,14 +119,11 @@ describeQemuMig("live migration of a Linux guest writing to our virtio-blk (migr
     expect(done).toBeDefined();
     await dst.exited;
 
-    // where each numbered block was reported written: before, during, after the migration
-    const progress = [...src.lines(), ...dst.lines()]
-      .map((l) => ({ at: l.at, m: /^RESULT wrote (\d+)$/.exec(l.text.trim()) }))
-      .filter((x) => x.m)
-      .map((x) => ({ at: x.at, n: Number(x.m![1]) }));
-    const before = Math.max(0, ...progress.filter((p) => p.at <= t0).map((p) => p.n));
-    const duringEnd = Math.max(before, ...progress.filter((p) => p.at <= t1).map((p) => p.n));
-    const r = resultMap([...src.results(), ...dst.results()]);
+    // where each numbered block was reported written: before the migrate command, until it completed, after
+    const wrote = (lines: readonly string[]) => lines.map((l) => /^RESULT wrote (\d+)$/.exec(l.trim())).filter((m) => m !== null).map((m) => Number(m[1]));
+    const before = Math.max(0, ...wrote(src.lines().slice(0, srcAtStart)));
+    const duringEnd = Math.max(before, ...wrote(src.lines()), ...wrote(dst.lines().slice(0, dstAtEnd)));
+    const r = resultMap(parseResults([...src.lines(), ...dst.lines()].join("\n")));
     console.log(
       `[virtio-blk migration] blocks written: ${before} before migrate, ${duringEnd - before} during (${((t1 - t0) / 1000).toFixed(1)} s), ` +
         `${BLOCKS - duringEnd} after; downtime ${result.info.downtime ?? "?"} ms; A served ${devA.stats.writes} writes, B ${devB.stats.writes}`,
