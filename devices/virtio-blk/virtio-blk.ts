@@ -134,6 +134,8 @@ export interface VirtioBlkStats {
   copied: number;
   errors: number;
   interrupts: number;
+  /** Guest buffers of the data of IN and OUT requests, after merging adjacent ones. */
+  segments: number;
 }
 
 function total(segs: readonly DmaSegment[]): number {
@@ -180,7 +182,7 @@ export class VirtioBlkDevice implements Device {
   readonly capabilities: CapabilitiesDefinition;
   readonly bars: readonly BarDefinition[];
   readonly options: VirtioBlkOptions;
-  readonly stats: VirtioBlkStats = { requests: 0, reads: 0, writes: 0, flushes: 0, bytesRead: 0, bytesWritten: 0, zeroCopy: 0, copied: 0, errors: 0, interrupts: 0 };
+  readonly stats: VirtioBlkStats = { requests: 0, reads: 0, writes: 0, flushes: 0, bytesRead: 0, bytesWritten: 0, zeroCopy: 0, copied: 0, errors: 0, interrupts: 0, segments: 0 };
 
   private readonly transport: VirtioPciTransport;
   private readonly file: BlockFile;
@@ -487,6 +489,7 @@ export class VirtioBlkDevice implements Device {
     const pos = this.position(sector, len);
     if (pos === null) return { status: BlkStatus.IOERR, written: 0 };
     this.stats.reads++;
+    this.stats.segments += segs.length;
     let views;
     try {
       views = this.ctx.dma.map(segs, "write");
@@ -528,6 +531,7 @@ export class VirtioBlkDevice implements Device {
     const pos = this.position(sector, len);
     if (pos === null) return { status: BlkStatus.IOERR, written: 0 };
     this.stats.writes++;
+    this.stats.segments += segs.length;
     let views;
     try {
       views = this.ctx.dma.map(segs, "read");

@@ -12,7 +12,8 @@
  * writes at queue depth 1 (dd issues one request at a time: that is
  * latency, IOPS = 1 / latency). The table gives the median of the rounds and
  * ours / QEMU's, plus our server's CPU per request (from /proc, sampled as
- * the guest announces each phase).
+ * the guest announces each phase). One more row runs four 4 KiB readers at
+ * once (queue depth up to 4): what pipelining does to the ratio.
  *
  * Run alone:  npx tsx test/bench/virtio-blk-guest.ts
  * (needs the QEMU root and the guest kit with virtio_blk.ko; as root it
@@ -37,8 +38,10 @@ const IMAGE_MIB = 2 * SEQ_MIB + 16;
 interface Phase {
   name: string;
   unit: "MB/s" | "IOPS";
-  /** dd arguments after if/of. */
+  /** dd arguments (if, of, sizes). */
   dd: (disk: string, region: number) => string;
+  /** dd processes run at once, each on its own part (default 1: queue depth 1). */
+  parallel?: number;
   /** Requests one run makes (for CPU per request). */
   ops: number;
   bytes: number;
@@ -48,6 +51,15 @@ const PHASES: Phase[] = [
   { name: "seq-write-1M", unit: "MB/s", dd: (d, r) => `if=/dev/zero of=${d} bs=1M count=${SEQ_MIB} seek=${r * SEQ_MIB} oflag=direct`, ops: SEQ_MIB, bytes: SEQ_MIB << 20 },
   { name: "seq-read-1M", unit: "MB/s", dd: (d, r) => `if=${d} of=/dev/null bs=1M count=${SEQ_MIB} skip=${r * SEQ_MIB} iflag=direct`, ops: SEQ_MIB, bytes: SEQ_MIB << 20 },
   { name: "read-4k-qd1", unit: "IOPS", dd: (d, r) => `if=${d} of=/dev/null bs=4k count=${SMALL_OPS} skip=${r * SEQ_MIB * 256} iflag=direct`, ops: SMALL_OPS, bytes: SMALL_OPS * 4096 },
+  {
+    name: "read-4k-4jobs",
+    unit: "IOPS",
+    parallel: 4,
+    // job j reads its own quarter of the region (the shell expands $j)
+    dd: (d, r) => `if=${d} of=/dev/null bs=4k count=${SMALL_OPS / 4} skip=$(( ${r * SEQ_MIB * 256} + j * ${SMALL_OPS / 4} )) iflag=direct`,
+    ops: SMALL_OPS,
+    bytes: SMALL_OPS * 4096,
+  },
   { name: "write-4k-qd1", unit: "IOPS", dd: (d, r) => `if=/dev/zero of=${d} bs=4k count=${SMALL_OPS} seek=${r * SEQ_MIB * 256} oflag=direct`, ops: SMALL_OPS, bytes: SMALL_OPS * 4096 },
 ];
 
@@ -72,7 +84,9 @@ function guestScript(): string {
       const order = round % 2 === 0 ? DISKS : [...DISKS].reverse();
       for (const d of order) {
         lines.push(`result begin ${p.name} ${d.name} ${round}`);
-        lines.push(`dd ${p.dd(`$${d.name.toUpperCase()}`, d.region)} 2>/dev/null || fail "dd ${p.name} ${d.name}"`);
+        const dd = `dd ${p.dd(`$${d.name.toUpperCase()}`, d.region)} 2>/dev/null`;
+        if ((p.parallel ?? 1) === 1) lines.push(`${dd} || fail "dd ${p.name} ${d.name}"`);
+        else lines.push(`for j in $(seq 0 ${(p.parallel ?? 1) - 1}); do ${dd} & done; wait`);
         lines.push(`result end ${p.name} ${d.name} ${round}`);
       }
     }
