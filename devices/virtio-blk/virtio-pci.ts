@@ -228,9 +228,12 @@ export class VirtioPciTransport {
 
   /** Power-on: registers, queues, ISR (device reset and status 0). */
   reset(): void {
+    const line = this.r.isr !== 0;
     this.r = powerOn();
     this.resetting = false;
     for (const q of this.queues) q.reset();
+    // the ISR is clear now: so is the line it drove
+    if (line && this.ctx) this.ctx.irq.setLevel(false);
   }
 
   /**

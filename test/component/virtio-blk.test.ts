@@ -337,6 +337,35 @@ describe("virtio-blk: requests", () => {
     expect((await readBlocks(drv, 0n, 1)).status).toBe(BlkStatus.OK);
   });
 
+  it("queues=2: VIRTIO_BLK_F_MQ with num_queues 2, three MSI-X vectors, both queues serve requests", async () => {
+    const dir = tempDir();
+    const img = patternImage(dir);
+    const { drv, dev } = await rig({ file: img, queues: "2" }, undefined, dir);
+    const fds = await drv.enableMsix(3);
+    await drv.init({ accept: ALL, queues: 2, configVector: 0, vectors: [1, 2] });
+    expect(drv.deviceFeatures & bit(BlkFeature.MQ)).toBe(bit(BlkFeature.MQ));
+    expect(await drv.deviceConfig(BlkConfig.NUM_QUEUES, 2)).toBe(2n);
+    expect(drv.caps.notifyLength).toBe(8);
+    const a = await readBlocks(drv, 0n, 1, { q: 0 });
+    const b = await readBlocks(drv, 1n, 1, { q: 1 });
+    expect(a.data.equals(expected(0, 512))).toBe(true);
+    expect(b.data.equals(expected(512, 512))).toBe(true);
+    await waitEventfd(fds[2]!, 2000); // queue 1's vector
+    expect(dev.stats.requests).toBe(2);
+  });
+
+  it("a driver reset (device_status 0) clears the ISR and lowers INTx", async () => {
+    const { drv, client, server } = await rig({ size: "1M" });
+    await drv.enableIntx();
+    await drv.init({ accept: ALL });
+    await readBlocks(drv, 0n, 1);
+    expect(server.endpoint.pci.config.status & 0x8).toBe(0x8); // INTx asserted, ISR not read yet
+    await drv.reset();
+    expect(server.endpoint.pci.config.status & 0x8).toBe(0);
+    expect(await drv.readIsr()).toBe(0);
+    await client.unmaskIrq(IrqIndex.INTX);
+  });
+
   it("the doorbell served as an ioeventfd: a signal on it processes the queue", async () => {
     const { drv, client, server } = await rig({ size: "1M" });
     await drv.init({ accept: ALL });
