@@ -449,9 +449,9 @@ export class VirtioBlkDevice implements Device {
     const sector = hdr.readBigUInt64LE(8);
     switch (type) {
       case BlkType.IN:
-        return this.read(sector, data);
+        return this.transfer("in", sector, data);
       case BlkType.OUT:
-        return this.write(sector, payload);
+        return this.transfer("out", sector, payload);
       case BlkType.FLUSH:
         this.stats.flushes++;
         try {
@@ -484,66 +484,34 @@ export class VirtioBlkDevice implements Device {
     return Number(sector) * SECTOR_SIZE;
   }
 
-  private async read(sector: bigint, segs: DmaSegment[]): Promise<Outcome | typeof STOPPED> {
-    const len = total(segs);
-    const pos = this.position(sector, len);
-    if (pos === null) return { status: BlkStatus.IOERR, written: 0 };
-    this.stats.reads++;
-    this.stats.segments += segs.length;
-    let views;
-    try {
-      views = this.ctx.dma.map(segs, "write");
-    } catch (err) {
-      return this.dmaFailed(err);
-    }
-    if (views) {
-      this.stats.zeroCopy++;
-      try {
-        await this.file.read(views.buffers, pos);
-      } catch (err) {
-        return this.ioFailed("read", err);
-      } finally {
-        views.release();
-      }
-    } else {
-      if (len > MAX_COPY_REQUEST) return { status: BlkStatus.IOERR, written: 0 };
-      this.stats.copied++;
-      const buf = Buffer.allocUnsafe(len);
-      try {
-        await this.file.read([buf], pos);
-      } catch (err) {
-        return this.ioFailed("read", err);
-      }
-      try {
-        await this.ctx.dma.writev(segs, buf);
-      } catch (err) {
-        return this.dmaFailed(err);
-      }
-    }
-    this.stats.bytesRead += len;
-    return { status: BlkStatus.OK, written: len };
-  }
-
-  private async write(sector: bigint, segs: DmaSegment[]): Promise<Outcome | typeof STOPPED> {
+  /**
+   * IN (disk to guest) or OUT (guest to disk) of `segs` at `sector`: through
+   * zero-copy views of guest memory when the client shared it, else through
+   * a bounce buffer and DMA messages.
+   */
+  private async transfer(dir: "in" | "out", sector: bigint, segs: DmaSegment[]): Promise<Outcome | typeof STOPPED> {
     // spec: 5.2.6.2: a write to a read-only device fails
-    if (this.options.readonly) return { status: BlkStatus.IOERR, written: 0 };
+    if (dir === "out" && this.options.readonly) return { status: BlkStatus.IOERR, written: 0 };
     const len = total(segs);
     const pos = this.position(sector, len);
     if (pos === null) return { status: BlkStatus.IOERR, written: 0 };
-    this.stats.writes++;
+    if (dir === "in") this.stats.reads++;
+    else this.stats.writes++;
     this.stats.segments += segs.length;
+    const op = dir === "in" ? "read" : "write";
     let views;
     try {
-      views = this.ctx.dma.map(segs, "read");
+      // the device writes guest memory for IN, reads it for OUT
+      views = this.ctx.dma.map(segs, dir === "in" ? "write" : "read");
     } catch (err) {
       return this.dmaFailed(err);
     }
     if (views) {
       this.stats.zeroCopy++;
       try {
-        await this.file.write(views.buffers, pos);
+        await (dir === "in" ? this.file.read(views.buffers, pos) : this.file.write(views.buffers, pos));
       } catch (err) {
-        return this.ioFailed("write", err);
+        return this.ioFailed(op, err);
       } finally {
         views.release();
       }
@@ -552,18 +520,24 @@ export class VirtioBlkDevice implements Device {
       this.stats.copied++;
       let buf: Buffer;
       try {
-        buf = await this.ctx.dma.readv(segs);
+        buf = dir === "out" ? await this.ctx.dma.readv(segs) : Buffer.allocUnsafe(len);
       } catch (err) {
         return this.dmaFailed(err);
       }
       try {
-        await this.file.write([buf], pos);
+        await (dir === "in" ? this.file.read([buf], pos) : this.file.write([buf], pos));
       } catch (err) {
-        return this.ioFailed("write", err);
+        return this.ioFailed(op, err);
+      }
+      try {
+        if (dir === "in") await this.ctx.dma.writev(segs, buf);
+      } catch (err) {
+        return this.dmaFailed(err);
       }
     }
-    this.stats.bytesWritten += len;
-    return { status: BlkStatus.OK, written: 0 };
+    if (dir === "in") this.stats.bytesRead += len;
+    else this.stats.bytesWritten += len;
+    return { status: BlkStatus.OK, written: dir === "in" ? len : 0 };
   }
 
   /** Guest memory refused: the device stopped (run it again later), or a bad buffer (IOERR). */

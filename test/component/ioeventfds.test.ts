@@ -5,14 +5,13 @@
  * reaching the BAR's write handler (the fallback QEMU 11.1.3 uses: it never
  * asks for these fds). The fds are the connection's: gone with the client.
  */
-import { mkdtempSync, rmSync, writeSync } from "node:fs";
-import { tmpdir } from "node:os";
-import path from "node:path";
+import { writeSync } from "node:fs";
 import { afterEach, describe, expect, it } from "vitest";
+import { serveDevice } from "./serve-device.ts";
 import { Command, IoFdType, IoeventfdFlags, MessageSize } from "../../protocol/constants.ts";
 import { decodeDeviceGetRegionIoFdsReply, encodeDeviceGetRegionIoFdsRequest } from "../../protocol/messages/device-get-region-io-fds.ts";
 import { closeFd, VfioUserClient } from "../../src/client/client.ts";
-import { VfioUserServer, type BarDefinition, type Device } from "../../src/index.ts";
+import type { BarDefinition, Device } from "../../src/index.ts";
 
 class BellDevice implements Device {
   readonly type = "bells";
@@ -47,16 +46,7 @@ afterEach(async () => {
   for (const c of cleanups.splice(0).reverse()) await c();
 });
 
-async function serve(dev: Device): Promise<{ client: VfioUserClient; server: VfioUserServer; sock: string }> {
-  const dir = mkdtempSync(path.join(tmpdir(), "vfu-iofds-"));
-  const server = new VfioUserServer({ device: dev });
-  const sock = path.join(dir, "s.sock");
-  server.listen(sock);
-  const client = await VfioUserClient.connect(sock, { requestTimeoutMs: 5000 });
-  await client.negotiate();
-  cleanups.push(() => rmSync(dir, { recursive: true, force: true }), () => server.close(), () => client.close());
-  return { client, server, sock };
-}
+const serve = (dev: Device) => serveDevice(dev, cleanups);
 
 const signal = (fd: number) => writeSync(fd, Buffer.from([1, 0, 0, 0, 0, 0, 0, 0]));
 

@@ -4,13 +4,9 @@
  * finish its in-flight work, and only then tells it it stops. Arcs that do
  * not stop a running device do not call it; a rejection fails the arc.
  */
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import path from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
+import { serveDevice } from "./serve-device.ts";
 import { MigState } from "../../protocol/constants.ts";
-import { VfioUserClient } from "../../src/client/client.ts";
-import { VfioUserServer } from "../../src/index.ts";
 import { CounterDevice } from "../../devices/tutorial/counter.ts";
 
 /** The counter with a quiesce that resolves when the test says so, and a log of hook calls. */
@@ -51,16 +47,7 @@ afterEach(async () => {
   for (const c of cleanups.splice(0).reverse()) await c();
 });
 
-async function serve(dev: SlowToStop): Promise<VfioUserClient> {
-  const dir = mkdtempSync(path.join(tmpdir(), "vfu-quiesce-"));
-  const server = new VfioUserServer({ device: dev });
-  const sock = path.join(dir, "s.sock");
-  server.listen(sock);
-  const client = await VfioUserClient.connect(sock, { requestTimeoutMs: 5000 });
-  await client.negotiate();
-  cleanups.push(() => rmSync(dir, { recursive: true, force: true }), () => server.close(), () => client.close());
-  return client;
-}
+const serve = async (dev: SlowToStop) => (await serveDevice(dev, cleanups)).client;
 
 /** Lets pending I/O and timers run a few times. */
 const turns = async (n = 5) => {
