@@ -385,6 +385,11 @@ export class VirtioTestDriver {
     return out;
   }
 
+  /** Frees every descriptor of queue `q` again (for a driver that has nothing in flight). */
+  recycle(q: number): void {
+    this.freeHeads[q] = Array.from({ length: this.queues[q]!.size }, (_, i) => i);
+  }
+
   /** used_event (the driver's interrupt threshold, VIRTIO_F_EVENT_IDX). */
   setUsedEvent(q: number, v: number): void {
     const l = this.queues[q]!;
