@@ -145,7 +145,9 @@ export class MigrationController {
     this.endPending = false;
   }
 
-  private hop(from: MigState, to: MigState): void {
+  private async hop(from: MigState, to: MigState): Promise<void> {
+    // a running device finishes its in-flight work before it is told it stops
+    if (deviceMayRun(from) && !deviceMayRun(to)) await this.endpoint.quiesce();
     // the device stops before the arc's work when the target may not run
     this.endpoint.setRunning(deviceMayRun(to) && deviceMayRun(from));
     const S = MigState;
