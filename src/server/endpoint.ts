@@ -176,6 +176,8 @@ export class Endpoint {
    * - STOP after a completed migration (the stream read to its END, or a
    *   stream loaded): back to RUNNING, state kept. QEMU leaves a migrated
    *   source just so, with DMA logging still on: an ordinary end.
+   * - STOP with no migration under way (RUNNING -> STOP: QEMU stops its
+   *   devices when the guest powers off): back to RUNNING, state kept.
    * - any other state (PRE_COPY, STOP_COPY, a STOP that ended nothing, the
    *   P2P states): the migration dies with its client; back to RUNNING,
    *   device state kept.
@@ -201,6 +203,11 @@ export class Endpoint {
     } else if (mig === MigState.STOP && this.migration.completed !== null) {
       const what = this.migration.completed === "saved" ? "stream read to its end" : "stream loaded";
       this.log.info({ state, logging }, `client left after a completed migration (${what}); back to RUNNING`);
+      this.migration.reset();
+      this.setRunning(true);
+    } else if (!this.migration.migrating) {
+      // a stopped VM, no migration (QEMU stops its devices when the guest powers off)
+      this.log.info({ state }, "client left with the device stopped; back to RUNNING");
       this.migration.reset();
       this.setRunning(true);
     } else {
