@@ -11,11 +11,15 @@ export type {
   DeviceIdentity,
   DeviceOptions,
   Dma,
+  Doorbell,
+  DmaSegment,
+  DmaViews,
   InterruptMode,
   Interrupts,
   PrecopyMemory,
   RegionHandlers,
   StateValue,
+  VendorCapability,
 } from "./device/api.ts";
 
 // Device options (`--opt key=value`): one schema, checked the same way for every device.
