@@ -4,6 +4,7 @@
  * capability.
  */
 import { Defaults } from "../../protocol/constants.ts";
+import type { ClientConformance } from "../conformance/recorder.ts";
 
 export interface ServerLimits {
   /** Largest data transfer the server accepts or sends in one message. */
@@ -30,6 +31,9 @@ export class Session {
   maxDataXferSize: number;
   /** Most fds the client accepts from us in one message. */
   clientMaxMsgFds: number = Defaults.MAX_MSG_FDS;
+
+  /** This client's conformance report, when the server keeps one (handlers note what they accepted liberally). */
+  conformance: ClientConformance | null = null;
 
   /** Set by the connection: the frame limit follows the negotiated transfer size. */
   onNegotiated?: (maxDataXferSize: number) => void;

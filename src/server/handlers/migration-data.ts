@@ -4,10 +4,10 @@
  * the socket form of VFIO_MIG_GET_PRECOPY_INFO). Which states allow each is
  * checked by command-rules.ts before these run.
  */
-import { MessageSize } from "../../../protocol/constants.ts";
+import { MessageSize, MigState } from "../../../protocol/constants.ts";
 import { fail } from "../../../protocol/errors.ts";
 import { decodeMigDataReadRequest, decodeMigDataWriteRequest, encodeMigDataReadReplyParts, encodeMigDataWriteReply } from "../../../protocol/messages/mig-data.ts";
-import { decodeMigGetPrecopyInfoRequest, encodeMigGetPrecopyInfoReply } from "../../../protocol/messages/mig-get-precopy-info.ts";
+import { decodeMigGetPrecopyInfoRequest, encodeMigGetPrecopyInfoReply, precopyInfoArgszOmitted } from "../../../protocol/messages/mig-get-precopy-info.ts";
 import { allocBody, putU32 } from "../../../protocol/wire.ts";
 import { reply, type Reply, type Request } from "../dispatcher.ts";
 
@@ -27,6 +27,8 @@ export function handleMigDataRead(req: Request): Reply {
   // yields (MigrationController.read): it stays synchronous, and the
   // connection sends the reply before it returns.
   const segments = req.endpoint.migration.read(r.size);
+  const conf = req.session.conformance;
+  if (conf !== null) conf.migDataRead(req.header, req.endpoint.migrationState === MigState.STOP_COPY, byteLength(segments));
   if (segments.length === 1 || segments.length > MAX_REPLY_SEGMENTS) {
     const data = segments.length === 1 ? segments[0]! : Buffer.concat(segments);
     return { parts: encodeMigDataReadReplyParts({ argsz: 8 + data.length, size: data.length, data }) };
@@ -39,6 +41,12 @@ export function handleMigDataRead(req: Request): Reply {
   const parts: Uint8Array[] = [readReplyFixed(size)];
   for (let i = 0; i < segments.length; i++) parts.push(segments[i]!);
   return { parts };
+}
+
+function byteLength(segments: readonly Uint8Array[]): number {
+  let n = 0;
+  for (let i = 0; i < segments.length; i++) n += segments[i]!.byteLength;
+  return n;
 }
 
 /** The reply's fixed part (argsz, size) for `size` data bytes sent as separate parts; the same bytes encodeMigDataReadReplyParts writes. */
@@ -58,6 +66,7 @@ export function handleMigDataWrite(req: Request): Reply {
 
 export function handleMigGetPrecopyInfo(req: Request): Reply {
   decodeMigGetPrecopyInfoRequest(req.body);
+  if (precopyInfoArgszOmitted(req.body)) req.session.conformance?.note("argsz-zero", req.header, 0, "24-byte request with argsz 0 (read as 24)");
   const info = req.endpoint.migration.precopyInfo();
   return reply(encodeMigGetPrecopyInfoReply({ argsz: 24, flags: 0, initial_bytes: info.initialBytes, dirty_bytes: info.dirtyBytes }));
 }
