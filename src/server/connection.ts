@@ -182,7 +182,7 @@ export class Connection implements SocketDma {
     const fdVerdict = fdsAllowed(header.command, frame.fds.length);
     if (fdVerdict !== null) throw fdVerdict;
     const handler = this.opts.handlers.get(header.command);
-    if (!handler) throw fail.notsup(`command ${COMMAND_NAMES[header.command] ?? header.command} is not supported`);
+    if (!handler) throw fail.notsup(`command ${COMMAND_NAMES[header.command] ?? header.command} is not supported`).with({ rule: "unknown-command" });
     const req: Request = {
       header,
       body: frame.body,
