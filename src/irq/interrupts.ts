@@ -29,6 +29,8 @@ export class InterruptController implements Interrupts {
   private intxLevel = false;
   /** Deliveries counted per index, for tests and the trace log. */
   readonly delivered = [0, 0, 0, 0, 0];
+  /** Injected faults (serve --fault irq=...): ms to hold a signal, Infinity to lose it, undefined to send it. */
+  hold: ((index: number, vector: number) => number | undefined) | null = null;
 
   constructor(
     /** Vectors per IRQ index (GET_IRQ_INFO count). */
@@ -148,6 +150,18 @@ export class InterruptController implements Interrupts {
   }
 
   private signal(index: number, vector: number): boolean {
+    if (this.hold !== null) {
+      const ms = this.hold(index, vector);
+      if (ms !== undefined) {
+        // the eventfd is looked up when the time comes: the client may have replaced it meanwhile
+        if (ms !== Infinity) setTimeout(() => this.write(index, vector), ms).unref();
+        return true;
+      }
+    }
+    return this.write(index, vector);
+  }
+
+  private write(index: number, vector: number): boolean {
     const fd = this.fds[index]![vector]!;
     if (fd < 0) return false;
     try {

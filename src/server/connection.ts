@@ -17,6 +17,7 @@ import {
 } from "../../protocol/messages/dma-read.ts";
 import { decodeDmaWriteReply, encodeDmaWriteRequestParts } from "../../protocol/messages/dma-write.ts";
 import type { ClientConformance } from "../conformance/recorder.ts";
+import { ConnectionDrop, type FaultSet } from "../faults/fault-set.ts";
 import type { SocketDma } from "../dma/dma-engine.ts";
 import type { Transport } from "../transport/types.ts";
 import type { HandlerTable, Reply, Request } from "./dispatcher.ts";
@@ -68,10 +69,13 @@ export class Connection implements SocketDma {
   private readonly replyView = viewOf(this.replyBuf);
   /** The client conformance report of this connection, when the server keeps one. */
   private readonly conformance: ClientConformance | null;
+  /** Faults injected on demand (serve --fault), or null. */
+  private readonly faults: FaultSet | null;
 
   constructor(private readonly opts: ConnectionOptions) {
     this.log = opts.log;
     this.conformance = opts.session.conformance;
+    this.faults = opts.endpoint.faults;
     this.trace = opts.trace ?? false;
     this.pending = new PendingRequests(opts.requestTimeoutMs ?? 5000, (command) => fail.io(`${COMMAND_NAMES[command]} to the client timed out`));
     this.decoder = new FrameDecoder({
@@ -141,7 +145,8 @@ export class Connection implements SocketDma {
   private run(frame: Frame): boolean {
     let result: Reply | Promise<Reply>;
     try {
-      result = this.dispatch(frame);
+      if (this.conformance !== null) this.conformance.observe(frame.header, frame.body);
+      result = this.faults === null ? this.dispatch(frame) : this.dispatchWithFaults(this.faults, frame);
     } catch (err) {
       this.finish(frame, null, err);
       return true;
@@ -172,7 +177,6 @@ export class Connection implements SocketDma {
   private dispatch(frame: Frame): Reply | Promise<Reply> {
     const { header } = frame;
     const session = this.opts.session;
-    if (this.conformance !== null) this.conformance.observe(header, frame.body);
     const verdict = commandAllowed(header.command, session.versionDone, this.opts.endpoint.migrationState);
     if (verdict !== null) throw verdict;
     if (frame.fds.length > session.limits.maxMsgFds) {
@@ -196,11 +200,21 @@ export class Connection implements SocketDma {
     return handler(req);
   }
 
+  /** A command under injected faults: refused, held, or the connection dropped instead of its reply. */
+  private dispatchWithFaults(faults: FaultSet, frame: Frame): Reply | Promise<Reply> {
+    const step = faults.command<Reply>(frame.header, frame.body);
+    return step === null ? this.dispatch(frame) : step(() => this.dispatch(frame));
+  }
+
   private finish(frame: Frame, result: Reply | null, err: unknown): void {
     // fds the handler did not take are ours to close
     if (frame.fds.length > 0) {
       for (const fd of frame.fds) this.opts.closeFd(fd);
       frame.fds.length = 0;
+    }
+    if (err instanceof ConnectionDrop) {
+      this.opts.transport.close();
+      return;
     }
     const h = frame.header;
     const noReply = (h.flags & HeaderFlags.NO_REPLY) !== 0;

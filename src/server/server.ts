@@ -7,6 +7,7 @@ import type { Logger } from "pino";
 import type { Device } from "../device/api.ts";
 import { ConformanceRecorder, type ClientReport, type ConformanceOptions } from "../conformance/recorder.ts";
 import { formatClientReport, formatConformanceReport } from "../conformance/report.ts";
+import type { Fault } from "../faults/language.ts";
 import { silentLogger } from "../log.ts";
 import type { MigrationOptions } from "../migration/controller.ts";
 import { native } from "../transport/native.ts";
@@ -37,6 +38,11 @@ export interface ServerOptions {
    * JSON. Replies are the same with and without it.
    */
   conformance?: boolean | ConformanceOptions | ConformanceRecorder;
+  /**
+   * Faults to inject (src/faults; the language: docs/faults.md), as specs or
+   * parsed. A spec that does not parse throws FaultSyntaxError here.
+   */
+  faults?: readonly (string | Fault)[];
 }
 
 function closeFd(fd: number): void {
@@ -58,7 +64,7 @@ export class VfioUserServer {
     this.log = opts.log ?? silentLogger();
     this.conformance = makeRecorder(opts.conformance, (r) => this.logClientReport(r));
     this.limits = { ...DEFAULT_LIMITS, ...opts.limits };
-    this.endpoint = new Endpoint(opts.device, { log: this.log, maxDmaMaps: this.limits.maxDmaMaps, closeFd, migration: opts.migration });
+    this.endpoint = new Endpoint(opts.device, { log: this.log, maxDmaMaps: this.limits.maxDmaMaps, closeFd, migration: opts.migration, faults: opts.faults });
     this.handlers = buildHandlerTable(opts.handlers);
   }
 

@@ -150,7 +150,7 @@ export async function handleDeviceFeature(req: Request): Promise<Reply> {
     }
 
     case Feature.MIG_DATA_SIZE:
-      return get(encodeFeatureMigDataSize({ stop_copy_length: ep.migration.stopCopySize() }));
+      return get(encodeFeatureMigDataSize({ stop_copy_length: ep.faults === null ? ep.migration.stopCopySize() : ep.faults.stopCopySize(req.header, ep.migration.stopCopySize()) }));
   }
   throw fail.notsup(`device feature ${feature} is not supported`);
 }
