@@ -117,9 +117,10 @@ export class FaultSet {
   command<R>(header: Header, body: Buffer): CommandStep<R> | null {
     this.messages++;
     let step: CommandStep<R> | null = null;
-    const chain = (outer: CommandStep<R>) => {
-      const inner = step;
-      step = inner === null ? outer : (next) => outer(() => inner(next));
+    // faults compose in the order given: the first one's step runs first, and runs the next
+    const chain = (s: CommandStep<R>) => {
+      const prev = step;
+      step = prev === null ? s : (next) => prev(() => s(next));
     };
     for (const a of this.commands) {
       const t = a.fault.trigger;

@@ -356,3 +356,14 @@ describe("faults and the conformance report", () => {
   });
 });
 
+
+describe("faults compose", () => {
+  it("in the order given: a delay, then a refusal of the same command", async () => {
+    const b = await open(["cmd=REGION_READ,nth=2,delay=200", "cmd=REGION_READ,nth=2,errno=EBUSY"]);
+    expect(await b.c.vendorId()).toBe(0x1234);
+    const t0 = performance.now();
+    expect(await errnoOf(b.c, Command.REGION_READ, le().u64(0).u32(RegionIndex.CONFIG).u32(2).buf)).toBe(Errno.EBUSY);
+    expect(performance.now() - t0).toBeGreaterThanOrEqual(190);
+    expect(fired(b).map((l) => l.msg)).toEqual(["fault injected: held 200 ms", "fault injected: refused with EBUSY"]);
+  });
+});
