@@ -289,7 +289,7 @@ export class Connection implements SocketDma {
       const n = Math.min(max, length - done);
       const at = address + BigInt(done);
       const frame = await this.request(Command.DMA_READ, [encodeDmaReadRequest({ address: at, count: BigInt(n) })]);
-      const r = this.checkedReply(frame, decodeDmaReadReply);
+      const r = this.checkedReply(frame, decodeDmaReadReply, n);
       if (r.address !== at || r.count !== BigInt(n) || r.data.length !== n) throw this.replyMismatch(frame, "DMA_READ reply does not match the request", r.address !== at ? 0 : 8);
       out.set(r.data, done);
       done += n;
@@ -312,13 +312,15 @@ export class Connection implements SocketDma {
   }
 
   /** Decodes the client's reply to our DMA_READ/DMA_WRITE; a reply the codec refuses goes into the conformance report. */
-  private checkedReply<T>(frame: Frame, decode: (body: Buffer) => T): T {
+  private checkedReply<T>(frame: Frame, decode: (body: Buffer) => T, asked?: number): T {
     try {
       return decode(frame.body);
     } catch (err) {
       if (this.conformance !== null) {
         const offset = err instanceof VfioUserError ? (err.fact?.offset ?? null) : null;
-        this.conformance.reply("dma-reply-count", frame.header, offset, (err as Error).message);
+        // a u32 count (QEMU 10.2's VFIOUserDMARW) puts the count asked for in the low half and data at offset 12
+        const u32 = asked !== undefined && frame.body.length >= 16 && frame.body.readUInt32LE(8) === asked;
+        this.conformance.reply("dma-reply-count", frame.header, offset, `${(err as Error).message}${u32 ? `; its low 32 bits are the ${asked} asked for: a u32 count, data at offset 12` : ""}`);
       }
       throw err;
     }

@@ -283,7 +283,7 @@ describe("each detector names its mistake once: id, severity, section, msgId, co
     await eduDma(b.c, 0x100000n, false);
     await b.c.until(() => b.c.serverRequests.length === 1, 5000, "the DMA_READ");
     expect(await eventually(() => deviations(b).length > 0, 5000)).toBe(true);
-    expectOnly(b, "dma-reply-count", { command: "DMA_READ", msgId: b.c.serverRequests[0]!.header.msgId, offset: 8, detail: /count .* but 60 data bytes/ });
+    expectOnly(b, "dma-reply-count", { command: "DMA_READ", msgId: b.c.serverRequests[0]!.header.msgId, offset: 8, detail: /count .* but 60 data bytes; its low 32 bits are the 64 asked for: a u32 count, data at offset 12/ });
   });
 
   it("dma-write-reply-empty: a DMA_WRITE acknowledged with a bare header (accepted)", async () => {
