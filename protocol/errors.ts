@@ -60,6 +60,7 @@ export const fail = {
   nospc: (msg: string) => new VfioUserError(Errno.ENOSPC, msg),
   again: (msg: string) => new VfioUserError(Errno.EAGAIN, msg),
   nomem: (msg: string) => new VfioUserError(Errno.ENOMEM, msg),
+  nosys: (msg: string) => new VfioUserError(Errno.ENOSYS, msg),
 };
 
 /** The errno for anything caught: ours keeps its own, the rest become EIO. */

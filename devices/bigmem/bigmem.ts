@@ -5,7 +5,7 @@
  * checksum engine (so a test can check 256 MiB without reading it over
  * MMIO), and edu-style interrupt registers. The memory is migrated through
  * `precopyMemory` (page-granular dirty tracking); `saveState` carries only
- * the registers. INTx (pin A) and one MSI vector.
+ * the registers. INTx (pin A), one MSI vector, and three MSI-X vectors.
  *
  * Written only against the public device API.
  *
@@ -37,6 +37,17 @@
  *   0x70  CSUM_CMD      RW   bit0 start (reads 1 while busy), bit2 interrupt
  *                            when done
  *   0x74  CSUM_RESULT   RO   32-bit FNV-1a of the range (see `fnv1a32`)
+ *   0xc00 MSI-X table   (3 entries, 48 bytes; served by the framework)
+ *   0xe00 MSI-X PBA     (8 bytes; served by the framework)
+ *
+ * Interrupts. IRQ_STATUS collects the sources; how they are signalled
+ * depends on what the guest enabled:
+ * - INTx: the line is high while IRQ_STATUS is not 0;
+ * - MSI: one message (vector 0) per raise;
+ * - MSI-X: one message per source raised, on its own vector:
+ *   vector 0 = bits raised through IRQ_RAISE, vector 1 = checksum done,
+ *   vector 2 = DMA done (`BIGMEM_MSIX_VECTOR`). A driver that only wants the
+ *   DMA interrupt programs vector 2 and leaves the others masked.
  *
  * DMA_* and CSUM_* parameter registers are ignored while their engine is
  * busy, and so is a start while busy. Starting an engine clears its error
@@ -88,6 +99,8 @@ export const BIGMEM_ID = 0xb16e0100;
 export const BIGMEM_DEVICE_ID = 0xb16e;
 export const BIGMEM_PAGE_SIZE = 4096;
 export const BIGMEM_DEFAULT_SIZE = 256n << 20n;
+/** State layout version; 2: config space gained the MSI-X capability. */
+export const BIGMEM_STATE_VERSION = 2;
 
 export const STATUS_DMA_BUSY = 0x1;
 export const STATUS_DMA_ERROR = 0x2;
@@ -103,6 +116,13 @@ const CSUM_CMD_BITS = CMD_START | CMD_IRQ;
 
 export const IRQ_DMA = 0x100;
 export const IRQ_CSUM = 0x200;
+
+/** The MSI-X vector of each interrupt source. */
+export const BIGMEM_MSIX_VECTOR = { RAISE: 0, CSUM: 1, DMA: 2 } as const;
+export const BIGMEM_MSIX_VECTORS = 3;
+/** Where the MSI-X table and PBA sit in BAR0. */
+export const BIGMEM_MSIX_TABLE = 0xc00;
+export const BIGMEM_MSIX_PBA = 0xe00;
 
 const BAR0_SIZE = 4096n;
 const DMA_CHUNK = 1 << 20;
@@ -187,10 +207,13 @@ function half(reg: bigint, hi: boolean): number {
 
 export class BigmemDevice implements Device, PrecopyMemory {
   readonly type = "bigmem";
-  readonly stateVersion = 1;
+  readonly stateVersion = BIGMEM_STATE_VERSION;
   readonly identity = { vendorId: 0x1234, deviceId: BIGMEM_DEVICE_ID, classCode: 0x050000, revision: 1 };
   readonly interruptPin = 1;
-  readonly capabilities = { msi: { vectors: 1 as const } };
+  readonly capabilities = {
+    msi: { vectors: 1 as const },
+    msix: { vectors: BIGMEM_MSIX_VECTORS, tableBar: 0, tableOffset: BIGMEM_MSIX_TABLE, pbaBar: 0, pbaOffset: BIGMEM_MSIX_PBA },
+  };
   readonly bars: readonly BarDefinition[];
   readonly precopyMemory: PrecopyMemory = this;
 
@@ -279,7 +302,7 @@ export class BigmemDevice implements Device, PrecopyMemory {
     // The INTx level is device state: after a migration the line comes back
     // up here (the framework re-fires a level it already knows by itself).
     const level = this.s.irqStatus !== 0;
-    if (this.ctx && this.ctx.irq.mode !== "msi" && this.intxLine !== level) this.setLine(level);
+    if (this.ctx && !this.messageSignalled() && this.intxLine !== level) this.setLine(level);
     this.kick();
   }
 
@@ -442,13 +465,27 @@ export class BigmemDevice implements Device, PrecopyMemory {
   private raise(bits: number): void {
     this.s.irqStatus = (this.s.irqStatus | bits) >>> 0;
     if (this.s.irqStatus === 0 || !this.ctx) return;
-    if (this.ctx.irq.mode === "msi") this.ctx.irq.notify(0);
-    else this.setLine(true);
+    const irq = this.ctx.irq;
+    if (irq.mode === "msix") {
+      if (bits & ~(IRQ_DMA | IRQ_CSUM)) irq.notify(BIGMEM_MSIX_VECTOR.RAISE);
+      if (bits & IRQ_CSUM) irq.notify(BIGMEM_MSIX_VECTOR.CSUM);
+      if (bits & IRQ_DMA) irq.notify(BIGMEM_MSIX_VECTOR.DMA);
+    } else if (irq.mode === "msi") {
+      irq.notify(0);
+    } else {
+      this.setLine(true);
+    }
   }
 
   private acknowledge(bits: number): void {
     this.s.irqStatus = (this.s.irqStatus & ~bits) >>> 0;
-    if (this.s.irqStatus === 0 && this.ctx && this.ctx.irq.mode !== "msi") this.setLine(false);
+    if (this.s.irqStatus === 0 && this.ctx && !this.messageSignalled()) this.setLine(false);
+  }
+
+  /** MSI or MSI-X is on: interrupts are messages, the INTx line is not used. */
+  private messageSignalled(): boolean {
+    const mode = this.ctx?.irq.mode;
+    return mode === "msi" || mode === "msix";
   }
 
   private setLine(level: boolean): void {

@@ -24,12 +24,14 @@ import {
   Errno,
   Feature,
   FeatureFlags,
+  HEADER_SIZE,
   HeaderFlags,
   IrqSetFlags,
   MessageSize,
   MigState,
   type MigState as MigStateValue,
 } from "../../protocol/constants.ts";
+import { U32_MAX } from "../../protocol/u64.ts";
 import { parseCapabilities, serializeCapabilities, type Capabilities } from "../../protocol/capabilities.ts";
 import { VfioUserError } from "../../protocol/errors.ts";
 import { PendingRequests } from "../../protocol/pending-requests.ts";
@@ -73,6 +75,8 @@ export const DEFAULT_REQUEST_TIMEOUT_MS = 30_000;
 /** What the client offers by default in VERSION (QEMU's values). */
 export const CLIENT_MAX_DATA_XFER_SIZE = 1 << 20;
 export const CLIENT_MAX_MSG_FDS = 16;
+/** Header, DEVICE_FEATURE fixed part and DMA_LOGGING_REPORT data in front of a report's bitmap. */
+const REPORT_REPLY_OVERHEAD = HEADER_SIZE + MessageSize.DEVICE_FEATURE_FIXED + MessageSize.DMA_LOGGING_REPORT_FIXED;
 
 /** The connection went away (or was never usable) while a request was outstanding. */
 export class ConnectionClosedError extends Error {
@@ -174,6 +178,14 @@ export class VfioUserClient {
   serverCapabilities: Capabilities | null = null;
   /** Largest transfer in one message, after negotiation. */
   maxDataXferSize: number;
+  /**
+   * Largest DMA_LOGGING_REPORT bitmap asked for in one request, after
+   * negotiation: the smaller of both sides' migration.max_bitmap_size (a
+   * DEVICE_FEATURE reply is bounded by argsz, not by max_data_xfer_size);
+   * without a migration capability from the server, what fits
+   * max_data_xfer_size.
+   */
+  maxBitmapSize: number;
   readonly socketDma: SocketDmaStats = { reads: 0, writes: 0, bytesRead: 0, bytesWritten: 0, refused: 0 };
   /** Resolves when the connection is closed, by either side. */
   readonly closedPromise: Promise<Error | undefined>;
@@ -211,6 +223,7 @@ export class VfioUserClient {
     );
     this.offeredXferSize = opts.maxDataXferSize ?? CLIENT_MAX_DATA_XFER_SIZE;
     this.maxDataXferSize = Math.min(this.offeredXferSize, Defaults.MAX_DATA_XFER_SIZE);
+    this.maxBitmapSize = Math.max(8, this.maxDataXferSize - 64);
     this.closedPromise = new Promise((resolve) => (this.resolveClosed = resolve));
     this.decoder = new FrameDecoder({
       maxFrameSize: maxFrameSizeFor(this.offeredXferSize),
@@ -250,12 +263,18 @@ export class VfioUserClient {
       migration: { pgsize: BigInt(Defaults.MIGRATION_PGSIZE), max_bitmap_size: Defaults.MAX_BITMAP_SIZE },
       ...caps,
     };
+    // accept what is offered: a report reply as large as the bitmap offered
+    const offeredBitmap = offer.migration?.max_bitmap_size ?? 0;
+    this.decoder.maxFrameSize = Math.max(this.decoder.maxFrameSize, Math.min(U32_MAX, REPORT_REPLY_OVERHEAD + offeredBitmap));
     const frame = await this.request(Command.VERSION, encodeVersion({ major: 0, minor: 0, data: serializeCapabilities(offer) }));
     const v = decodeVersion(frame.body);
     if (v.major !== 0) throw new VfioUserError(Errno.ENOTSUP, `server answered protocol major ${v.major}`);
     const server = parseCapabilities(v.data);
     this.serverCapabilities = server;
     this.maxDataXferSize = Math.min(server.max_data_xfer_size, offer.max_data_xfer_size ?? this.offeredXferSize);
+    this.maxBitmapSize = server.migration && offer.migration
+      ? Math.max(8, Math.min(server.migration.max_bitmap_size, offeredBitmap))
+      : Math.max(8, this.maxDataXferSize - 64);
     return server;
   }
 
@@ -542,12 +561,12 @@ export class VfioUserClient {
   /**
    * DMA_LOGGING_REPORT over [iova, iova + length): the dirty bitmap (bit n
    * = page n, LSB first within each byte), cleared on the server as it is
-   * reported. Split into several requests when one bitmap would exceed
-   * max_data_xfer_size; each piece covers a multiple of 64 pages so the
-   * pieces join byte-aligned.
+   * reported. Split into several requests when one bitmap would exceed the
+   * negotiated max_bitmap_size (`maxBitmapSize`); each piece covers a
+   * multiple of 64 pages so the pieces join byte-aligned.
    */
   async dmaLoggingReport(iova: bigint, length: bigint, pageSize: bigint): Promise<Uint8Array> {
-    const maxBitmap = BigInt(Math.max(8, this.maxDataXferSize - 64));
+    const maxBitmap = BigInt(this.maxBitmapSize);
     const pagesPerPiece = (maxBitmap / 8n) * 64n;
     const bytesPerPiece = pagesPerPiece * pageSize;
     const out = new Uint8Array(Number(dmaLoggingBitmapSize(length, pageSize)));

@@ -19,7 +19,11 @@ export interface DeviceIdentity {
   revision?: number;
 }
 
-/** Access handlers of a region. Offsets are within the region. */
+/**
+ * Access handlers of a region. Offsets are within the region, as Numbers:
+ * exact because a BAR is at most 2^53 bytes (checked when the device is
+ * attached).
+ */
 export interface RegionHandlers {
   /** Fill `data` with the bytes at `offset` (data.length is the access size). */
   read(offset: number, data: Buffer): void;
@@ -30,7 +34,10 @@ export interface RegionHandlers {
 /** One BAR of the device. */
 export interface BarDefinition extends RegionHandlers {
   index: number;
-  /** Power of two; at least 16 for memory BARs, 4 for I/O. */
+  /**
+   * Power of two; at least 16 for memory BARs, 4 for I/O; at most 2^53 (so
+   * every offset handed to the handlers is an exact Number).
+   */
   size: bigint;
   kind: "mem32" | "mem64" | "io";
   prefetchable?: boolean;
@@ -67,8 +74,14 @@ export interface Interrupts {
   setLevel(asserted: boolean): void;
   /**
    * Send message-signalled interrupt `vector` (MSI or MSI-X, whichever is
-   * enabled). Returns false when neither is enabled or the vector is
-   * masked or out of range (MSI-X pending bit is set in that case).
+   * enabled). True when the message went to the client. False when neither
+   * is enabled, the vector is out of range, the device is not running, or
+   * the client's eventfd could not take it (counted and logged). MSI-X: a
+   * vector the client has masked (it gave the vector no eventfd, as QEMU
+   * does for masked and unused vectors) gets its pending bit set in the
+   * PBA and returns false; the message goes out when the client unmasks it
+   * (assigns an eventfd). Vectors masked in the client's own emulated table
+   * (QEMU's) are held pending by the client.
    */
   notify(vector?: number): boolean;
 }
@@ -135,15 +148,14 @@ export interface PrecopyMemory {
    *
    * With it, MIG_DATA_READ sends device memory without copying it: a MEMORY
    * record's CRC is taken over the view and the bytes go out in the same
-   * synchronous step (what stays queued for the next read is copied), so
-   * this is safe while the device runs. In STOP_COPY the framework also
-   * takes the next record's CRC ahead of the next read, over several turns
-   * of the event loop, and drops that work if `dirtyPageCount()` is above 0
-   * at the next read. So a device that offers `readPages` must, while
-   * tracking, mark every change to its memory as dirty (its BAR handlers,
-   * its own DMA, reset; `dirtyPageCount()` exact, not an estimate), and
-   * must not let anything outside the JavaScript thread (another thread or
-   * process sharing the memory) write it.
+   * synchronous step of one MIG_DATA_READ (what stays queued for the next
+   * read, under a page, is copied before the handler returns), so no view
+   * is kept across turns of the event loop and this is safe while the
+   * device runs. A device that offers `readPages` must therefore not let
+   * anything outside the JavaScript thread (another thread or process
+   * sharing the memory) write it. As for every `PrecopyMemory`, every change
+   * while tracking must be marked dirty (BAR handlers, the device's own
+   * DMA, reset) so the page is sent again.
    */
   readPages?(first: number, count: number): Uint8Array;
 }

@@ -2,8 +2,11 @@
  * The MSI-X table and Pending Bit Array a function serves inside its BARs
  * (spec: PCI 3.0, 6.8.2). Table entries are 16 bytes: address low, address
  * high, data, vector control (bit 0 = mask). Every vector is masked at reset.
- * The PBA is read-only to the guest; the interrupt layer sets pending bits for
- * vectors that fire while masked.
+ * The PBA is read-only to the guest; the interrupt layer (src/irq/interrupts.ts)
+ * sets a vector's pending bit when it fires while the client has it masked
+ * (no eventfd) and clears it when the held message goes out. The table's own
+ * mask bits are the guest's view for clients that do not emulate the table;
+ * QEMU does, so delivery never depends on them.
  */
 import { PciMsix } from "./registers.ts";
 

@@ -11,6 +11,11 @@ import { ConfigSpace, type ConfigWriteEffects } from "./config-space.ts";
 import { MsixTable } from "./msix-table.ts";
 
 const MSIX_ENTRY_SIZE = 16;
+/**
+ * Offsets reach the device's handlers as Numbers (RegionHandlers): a BAR
+ * larger than this would lose the low bits of offsets above 2^53.
+ */
+export const MAX_BAR_SIZE = 1n << 53n;
 
 interface MsixWindow {
   bar: number;
@@ -30,6 +35,9 @@ export class PciFunction {
     for (const bar of device.bars) {
       if (bar.index < 0 || bar.index > 5) throw new Error(`BAR index ${bar.index} out of range`);
       if (this.bars[bar.index]) throw new Error(`BAR ${bar.index} defined twice`);
+      if (bar.size > MAX_BAR_SIZE) {
+        throw new Error(`BAR ${bar.index} of 0x${bar.size.toString(16)} bytes is larger than 2^53: offsets reach the handlers as Numbers and would lose bits`);
+      }
       this.bars[bar.index] = bar;
     }
     this.config = new ConfigSpace({

@@ -5,7 +5,7 @@
  * replies. A bad header closes the connection; a bad body gets an errno.
  */
 import type { Logger } from "pino";
-import { COMMAND_NAMES, Command, HEADER_SIZE, HeaderFlags, isKnownCommand } from "../../protocol/constants.ts";
+import { COMMAND_NAMES, Command, Errno, HEADER_SIZE, HeaderFlags, isKnownCommand } from "../../protocol/constants.ts";
 import { VfioUserError, errnoOf, fail } from "../../protocol/errors.ts";
 import { FrameDecoder, FrameError, maxFrameSizeFor, type Frame } from "../../protocol/frame.ts";
 import { PendingRequests } from "../../protocol/pending-requests.ts";
@@ -34,6 +34,10 @@ import type { Session } from "./session.ts";
  */
 const REPLY_COPY_MAX = 4096;
 
+/** The spec's name of a command, or its number when it has none. */
+function cmdName(command: number): string | number {
+  return COMMAND_NAMES[command] ?? command;
+}
 
 export interface ConnectionOptions {
   transport: Transport;
@@ -54,6 +58,11 @@ export class Connection implements SocketDma {
   private readonly queue: Frame[] = [];
   private busy = false;
   private closed = false;
+  /** A handler asked for the connection to end after its reply (closeAfterReply). */
+  private closeAfterReply = false;
+  private readonly closeAfterReplyFn = (): void => {
+    this.closeAfterReply = true;
+  };
   /** This server's DMA_READ / DMA_WRITE requests awaiting the client's reply. */
   private readonly pending: PendingRequests;
   private readonly log: Logger;
@@ -89,7 +98,7 @@ export class Connection implements SocketDma {
   }
 
   start(): void {
-    this.opts.endpoint.attachClient(this);
+    this.opts.endpoint.attachClient(this, this.logLimitedFn);
     this.opts.transport.start({
       data: (chunk, fds) => this.onData(chunk, fds),
       close: (err) => this.onTransportClose(err),
@@ -116,7 +125,7 @@ export class Connection implements SocketDma {
       const h = err instanceof FrameError ? err.header : undefined;
       this.conformance?.badFrame(h, (err as Error).message, h !== undefined && !isKnownCommand(h.command));
       this.log.error(
-        { err: (err as Error).message, msgId: h?.msgId, cmd: h ? (COMMAND_NAMES[h.command] ?? h.command) : undefined, size: h?.size },
+        { err: (err as Error).message, msgId: h?.msgId, cmd: h ? cmdName(h.command) : undefined, size: h?.size },
         "bad frame; closing the connection",
       );
       // the failing chunk's fds and any that came with the unfinished frame stay with the decoder
@@ -131,7 +140,7 @@ export class Connection implements SocketDma {
       this.onReply(frame);
       return;
     }
-    if (this.trace) this.log.info({ msgId: h.msgId, cmd: COMMAND_NAMES[h.command], size: h.size, fds: frame.fds.length }, "recv");
+    if (this.trace) this.log.info({ msgId: h.msgId, cmd: cmdName(h.command), size: h.size, fds: frame.fds.length }, "recv");
     if (!this.busy && this.queue.length === 0 && !this.closed && !this.opts.transport.congested) {
       // the common case: nothing waiting, so run it now (what pump() would do, minus the queue)
       this.run(frame);
@@ -156,7 +165,11 @@ export class Connection implements SocketDma {
       result.then(
         (r) => this.finish(frame, r, null),
         (err) => this.finish(frame, null, err),
-      ).finally(() => {
+      ).catch((err: unknown) => {
+        // finish() answers what it cannot send with EIO; this is the last line
+        this.log.error({ err, msgId: frame.header.msgId, cmd: cmdName(frame.header.command) }, "reply failed; closing the connection");
+        this.opts.transport.close();
+      }).finally(() => {
         this.busy = false;
         this.pump();
       });
@@ -186,7 +199,10 @@ export class Connection implements SocketDma {
     const fdVerdict = fdsAllowed(header.command, frame.fds.length);
     if (fdVerdict !== null) throw fdVerdict;
     const handler = this.opts.handlers.get(header.command);
-    if (!handler) throw fail.notsup(`command ${COMMAND_NAMES[header.command] ?? header.command} is not supported`).with({ rule: "unknown-command" });
+    // a command this server does not know (a newer client probing, or garbage
+    // with a sane size): refused, the session goes on (libvfio-user answers
+    // EINVAL; ENOSYS tells "no such command" from "bad arguments")
+    if (!handler) throw fail.nosys(`command ${COMMAND_NAMES[header.command] ?? header.command} is not implemented`).with({ rule: "unknown-command" });
     const req: Request = {
       header,
       body: frame.body,
@@ -196,6 +212,7 @@ export class Connection implements SocketDma {
       log: this.log,
       socketDma: this,
       logLimited: this.logLimitedFn,
+      closeAfterReply: this.closeAfterReplyFn,
     };
     return handler(req);
   }
@@ -207,6 +224,14 @@ export class Connection implements SocketDma {
   }
 
   private finish(frame: Frame, result: Reply | null, err: unknown): void {
+    this.reply(frame, result, err);
+    if (this.closeAfterReply && !this.closed) {
+      this.log.info({ msgId: frame.header.msgId, cmd: cmdName(frame.header.command) }, "closing the connection after the reply");
+      this.opts.transport.close();
+    }
+  }
+
+  private reply(frame: Frame, result: Reply | null, err: unknown): void {
     // fds the handler did not take are ours to close
     if (frame.fds.length > 0) {
       for (const fd of frame.fds) this.opts.closeFd(fd);
@@ -222,17 +247,42 @@ export class Connection implements SocketDma {
       if (this.conformance !== null) this.conformance.refused(h, err);
       const errno = errnoOf(err);
       if (!(err instanceof VfioUserError)) {
-        this.logLimited("error", { err, msgId: h.msgId, cmd: COMMAND_NAMES[h.command] }, "handler failed unexpectedly");
+        this.logLimited("error", { err, msgId: h.msgId, cmd: cmdName(h.command) }, "handler failed unexpectedly");
       } else {
-        if (this.log.isLevelEnabled("debug")) {
-          this.logLimited("debug", { msgId: h.msgId, cmd: COMMAND_NAMES[h.command], errno, reason: err.message }, "request refused");
-        }
+        // a client getting a request wrong must be visible at the default
+        // level; rate limited per command, so a flood of one bad command
+        // neither fills the log nor hides another command's refusal
+        // (one bucket for all unknown commands: a client cannot make 65,536 of them)
+        const cmd = cmdName(h.command);
+        this.logLimited("info", { msgId: h.msgId, cmd, errno, reason: err.message }, "request refused", `request refused ${typeof cmd === "string" ? cmd : "unknown"}`);
       }
       if (!noReply) this.sendError(h, errno);
       return;
     }
     if (noReply || this.closed) return;
-    this.send({ msgId: h.msgId, command: h.command, size: 0, flags: HeaderFlags.TYPE_REPLY, error: 0 }, result!.parts, result!.fds);
+    const fds = result!.fds;
+    // spec: max_msg_fds is the most fds the client can receive in one message
+    const maxFds = this.opts.session.clientMaxMsgFds;
+    if (fds !== undefined && fds.length > maxFds) {
+      this.replyFailed(h, `${fds.length} fds in the reply; the client takes at most ${maxFds} (max_msg_fds)`);
+      return;
+    }
+    try {
+      this.send({ msgId: h.msgId, command: h.command, size: 0, flags: HeaderFlags.TYPE_REPLY, error: 0 }, result!.parts, fds);
+    } catch (err) {
+      this.replyFailed(h, (err as Error).message);
+    }
+  }
+
+  /** A reply that cannot go out becomes EIO (never a silent drop, never a crash). */
+  private replyFailed(h: Header, reason: string): void {
+    this.logLimited("error", { msgId: h.msgId, cmd: cmdName(h.command), errno: Errno.EIO, reason }, "reply failed; answered EIO");
+    try {
+      this.sendError(h, Errno.EIO);
+    } catch (err) {
+      this.log.error({ err, msgId: h.msgId, cmd: cmdName(h.command) }, "error reply failed; closing the connection");
+      this.opts.transport.close();
+    }
   }
 
   private sendError(h: Header, errno: number): void {
@@ -245,7 +295,7 @@ export class Connection implements SocketDma {
     let size = HEADER_SIZE;
     for (let i = 0; i < parts.length; i++) size += parts[i]!.length;
     h.size = size;
-    if (this.trace) this.log.info({ msgId: h.msgId, cmd: COMMAND_NAMES[h.command], size, errno: h.error || undefined }, "send");
+    if (this.trace) this.log.info({ msgId: h.msgId, cmd: cmdName(h.command), size, errno: h.error || undefined }, "send");
     if (size <= REPLY_COPY_MAX) {
       // one buffer, reused: header and parts copied in, sent as one iovec
       const buf = this.replyBuf;
@@ -273,7 +323,7 @@ export class Connection implements SocketDma {
     for (const fd of frame.fds) this.opts.closeFd(fd); // spec: no fds expected in DMA replies
     if (!this.pending.settle(frame)) {
       this.conformance?.reply("reply-unmatched", frame.header, null, `reply with msgId ${frame.header.msgId} to no request of ours`);
-      this.logLimited("warn", { msgId: frame.header.msgId, cmd: COMMAND_NAMES[frame.header.command] }, "reply to no request of ours; ignored");
+      this.logLimited("warn", { msgId: frame.header.msgId, cmd: cmdName(frame.header.command) }, "reply to no request of ours; ignored");
     }
   }
 
@@ -340,8 +390,9 @@ export class Connection implements SocketDma {
    * A log line the client can provoke: at most a burst, then one a second
    * per message; the next line let through says how many were dropped.
    */
-  logLimited(level: "debug" | "info" | "warn" | "error", fields: Record<string, unknown>, msg: string): void {
-    const suppressed = this.limiter.take(msg);
+  logLimited(level: "debug" | "info" | "warn" | "error", fields: Record<string, unknown>, msg: string, key: string = msg): void {
+    if (!this.log.isLevelEnabled(level)) return;
+    const suppressed = this.limiter.take(key);
     if (suppressed < 0) return;
     this.log[level](suppressed > 0 ? { ...fields, suppressed } : fields, msg);
   }

@@ -23,6 +23,8 @@ export interface Request {
   readonly socketDma: SocketDma;
   /** Log a line the client can provoke at will (rate limited per message). */
   logLimited(level: "debug" | "info" | "warn" | "error", fields: Record<string, unknown>, msg: string): void;
+  /** Close the connection once this request's reply (or error reply) is sent. */
+  closeAfterReply(): void;
 }
 
 /** A reply body as parts (header part and data part kept apart to avoid copies) and fds to send. */

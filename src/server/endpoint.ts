@@ -13,7 +13,7 @@ import { DmaTable } from "../dma/dma-table.ts";
 import type { DirtyLog } from "../dma/dirty-bitmap.ts";
 import { FaultSet } from "../faults/fault-set.ts";
 import type { Fault } from "../faults/language.ts";
-import { InterruptController } from "../irq/interrupts.ts";
+import { InterruptController, type LimitedLog } from "../irq/interrupts.ts";
 import { MigrationController, type MigrationOptions } from "../migration/controller.ts";
 import { migStateName } from "../migration/fsm.ts";
 import { PciFunction } from "../pci/pci-function.ts";
@@ -53,7 +53,7 @@ export class Endpoint {
     counts[IrqIndex.MSIX] = caps?.msix?.vectors ?? 0;
     counts[IrqIndex.ERR] = 0;
     counts[IrqIndex.REQ] = 0;
-    this.irq = new InterruptController(counts, this.pci.config, Boolean(device.interruptPin), () => this.isRunning, opts.log, opts.closeFd);
+    this.irq = new InterruptController(counts, this.pci.config, Boolean(device.interruptPin), () => this.isRunning, opts.log, opts.closeFd, this.pci.msixTable);
     this.faults = FaultSet.of(opts.faults, opts.log, () => this.migration.state);
     if (this.faults?.hasIrqFaults) this.irq.hold = this.faults.irqHold;
     this.dmaTable = new DmaTable(opts.maxDmaMaps);
@@ -142,8 +142,10 @@ export class Endpoint {
     this.dma.dirty = null;
   }
 
-  attachClient(socket: SocketDma): void {
+  /** A client connected: DMA over its socket, interrupt warnings through its rate-limited log. */
+  attachClient(socket: SocketDma, logLimited?: LimitedLog): void {
     this.dma.socket = socket;
+    this.irq.logLimited = logLimited ?? null;
   }
 
   /**
@@ -166,6 +168,7 @@ export class Endpoint {
    */
   detachClient(): void {
     this.dma.socket = null;
+    this.irq.logLimited = null;
     const logging = this.dirtyLog !== null;
     this.stopDirtyLog();
     this.dmaTable.removeAll();

@@ -72,6 +72,11 @@ export interface NativeAddon {
   close(fd: number): number;
   /** fcntl(F_DUPFD_CLOEXEC). */
   dup(fd: number): number;
+  /**
+   * O_NONBLOCK on (true) or off; 0 or -errno. The flag belongs to the open
+   * file description: a received fd shares it with its sender.
+   */
+  setNonblocking(fd: number, on: boolean): number;
   /** memfd_create(MFD_CLOEXEC) + ftruncate(size). */
   memfdCreate(name: string, size: bigint): number;
   /** EFD_CLOEXEC | EFD_NONBLOCK are always added to flags. */

@@ -67,7 +67,7 @@ async function cycle(socketPath: string, i: number): Promise<boolean> {
     native.close(stray);
   }
   if (i % 10 === 9) {
-    c.sendRaw(frameBytes({ msgId: 1, command: 0x7777, flags: 0, error: 0 }));
+    c.sendRaw(frameBytes({ msgId: 1, command: 0x7777, size: 4, flags: 0, error: 0 }));
     await c.waitClosed(5000);
   } else {
     c.close();

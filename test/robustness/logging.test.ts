@@ -1,7 +1,8 @@
 /**
  * Logging of refusals: every refused request is logged with its msgId,
- * command and errno (debug level, by the connection), frame faults with the
- * reason; and under attack the log must not grow with the attack.
+ * command and errno (info level, by the connection, rate limited per
+ * command: defects-logging.test.ts), frame faults with the reason; and under
+ * attack the log must not grow with the attack.
  *
  * Lines a client can provoke at will ("request refused", "reply to no
  * request of ours; ignored", "handler failed unexpectedly", "device reset")
@@ -17,7 +18,7 @@ const ATTACK = 2000;
 /** What "does not flood" means here: lines logged for ATTACK hostile messages. */
 const FLOOD_LIMIT = 100;
 
-describe("refusals are logged with msgId, command and errno (debug level)", () => {
+describe("refusals are logged with msgId, command and errno (info level)", () => {
   let srv: InProcessServer;
   beforeAll(() => {
     srv = startInProcessServer({ logLevel: "debug" });
@@ -42,7 +43,7 @@ describe("refusals are logged with msgId, command and errno (debug level)", () =
       expect(lines).toHaveLength(1);
       expect(lines[0]).toMatchObject({ msgId, cmd: COMMAND_NAMES[cmd], errno });
       expect(typeof lines[0]!.reason).toBe("string");
-      expect(lines[0]!.level).toBe(20); // debug
+      expect(lines[0]!.level).toBe(30); // info
     }
     c.close();
     await c.waitClosed();
@@ -52,11 +53,11 @@ describe("refusals are logged with msgId, command and errno (debug level)", () =
     await eventually(() => srv.server.connection === null);
     const c = await RawClient.ready(srv.socketPath);
     const before = srv.logs.length;
-    c.sendRaw(frameBytes({ msgId: 0x99, command: 77, flags: 0, error: 0 }));
+    c.sendRaw(frameBytes({ msgId: 0x99, command: 77, size: 8, flags: 0, error: 0 }));
     await c.waitClosed();
     const lines = srv.logs.slice(before).filter((l) => l.msg === "bad frame; closing the connection");
     expect(lines).toHaveLength(1);
-    expect(String(lines[0]!.err)).toMatch(/unknown command 77/);
+    expect(String(lines[0]!.err)).toMatch(/message size 8 is smaller than the 16-byte header/);
     expect(lines[0]!.level).toBe(50);
     // Not asserted, reported: the line does not carry the header's msgId / cmd / size as fields
     // (FrameError.header has them); only the text of the reason.
@@ -98,11 +99,12 @@ describe("under attack the log does not flood", () => {
     expect(n).toBeLessThanOrEqual(FLOOD_LIMIT);
   });
 
-  it(`${ATTACK} refused requests log nothing at info level (refusals are debug)`, async () => {
+  it(`${ATTACK} refused requests (logged at info per request): at most ${FLOOD_LIMIT} lines`, async () => {
     const n = await linesFor((c) => {
       for (let i = 0; i < ATTACK; i++) c.send(Command.REGION_READ, le().u64(0).u32(RegionIndex.VGA).u32(4).buf);
     });
-    expect(n).toBe(0);
+    console.log(`${ATTACK} refused requests -> ${n} log lines at info level`);
+    expect(n).toBeLessThanOrEqual(FLOOD_LIMIT);
   });
 
   it(`connection churn: lines per connect/disconnect at info level (measured, not limited today)`, async () => {

@@ -4,6 +4,7 @@
  * client can make the server hold, fds that block the server when it writes
  * to them, device registers that stall the event loop.
  */
+import { BIGMEM_STATE_VERSION } from "../../devices/bigmem/bigmem.ts";
 import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
@@ -91,7 +92,7 @@ describe("memory a client can make the server hold", () => {
     const c = await RawClient.ready(s.socketPath);
     expect(await c.errno(Command.DEVICE_FEATURE, migSet(MigState.RESUMING))).toBe(0);
     const w = new StateStreamWriter();
-    w.header({ deviceType: "bigmem", deviceVersion: 1, configSize: 256 });
+    w.header({ deviceType: "bigmem", deviceVersion: BIGMEM_STATE_VERSION, configSize: 256 });
     const rss0 = await s.gcRss();
     // the same 8 MiB of device memory, 16 times over: 128 MiB of stream
     const data = Buffer.alloc(MiB, 0x5c);

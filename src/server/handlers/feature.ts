@@ -73,7 +73,13 @@ export async function handleDeviceFeature(req: Request): Promise<Reply> {
   // kernel (vfio_check_feature): PROBE alone asks whether the feature exists (QEMU probes DMA_LOGGING_START so)
   if (ops === 0 && (f.flags & FeatureFlags.PROBE) === 0) throw fail.inval("DEVICE_FEATURE without GET or SET");
   if ((ops & ~supported) !== 0) throw fail.inval(`device feature ${feature} does not support ${ops & FeatureFlags.SET ? "SET" : "GET"}`);
-  // spec: the reply to SET or PROBE is the request payload
+  // spec: the reply to SET or PROBE is the request payload, and argsz is the
+  // most the client takes back: a SET whose payload does not fit is refused
+  // before it changes anything (libvfio-user; the kernel's vfio_check_feature
+  // refuses an argsz short of the feature's struct)
+  if ((ops & FeatureFlags.SET) !== 0 && f.argsz < FIXED + f.data.length) {
+    throw fail.inval(`DEVICE_FEATURE SET argsz ${f.argsz} is smaller than its ${FIXED + f.data.length}-byte payload`);
+  }
   const echo = (): Reply => ({ parts: encodeDeviceFeatureParts({ argsz: FIXED + f.data.length, flags: f.flags, data: f.data }) });
   const conf = req.session.conformance;
   if (conf !== null && f.data.length > 0 && ((f.flags & FeatureFlags.PROBE) !== 0 || (ops === FeatureFlags.GET && GET_WITHOUT_INPUT.has(feature)))) {
@@ -108,9 +114,11 @@ export async function handleDeviceFeature(req: Request): Promise<Reply> {
     case Feature.DMA_LOGGING_START: {
       const c = await onData(() => decodeLoggingControl(f.data));
       if (ep.dirtyLog) throw fail.busy("DMA logging is already started");
-      // the page size is a hint: a power of two in range is honoured, anything else gets the nearest supported
+      // spec: the page size is a hint; a power of two in range is honoured. None
+      // (0) or one the device cannot do gets the negotiated migration pgsize.
       let pageSize = c.page_size;
-      if (!isPowerOfTwo(pageSize) || pageSize < MIN_LOG_PAGE) pageSize = MIN_LOG_PAGE;
+      if (!isPowerOfTwo(pageSize) || pageSize < MIN_LOG_PAGE) pageSize = req.session.migrationPgsize;
+      if (pageSize < MIN_LOG_PAGE) pageSize = MIN_LOG_PAGE;
       if (pageSize > MAX_LOG_PAGE) pageSize = MAX_LOG_PAGE;
       // spec (vfio.h): no ranges means every mapped region
       const ranges = c.ranges.length > 0 ? c.ranges : ep.dmaTable.regions().map((r) => ({ iova: r.iova, length: r.size }));
@@ -139,7 +147,11 @@ export async function handleDeviceFeature(req: Request): Promise<Reply> {
       if (!isPowerOfTwo(r.page_size) || r.page_size < MIN_LOG_PAGE) throw fail.inval(`report page size ${r.page_size} is not a power of two >= 4096`);
       const bitmapBytes = ((r.length / r.page_size + 63n) / 64n) * 8n;
       const argsz = BigInt(FIXED + f.data.length) + bitmapBytes;
-      if (bitmapBytes > BigInt(req.session.maxDataXferSize)) throw fail.toobig(`a ${bitmapBytes}-byte bitmap exceeds max_data_xfer_size`);
+      // the reply may exceed max_data_xfer_size (that bounds data transfer
+      // messages); it is bounded by the negotiated max_bitmap_size and argsz
+      if (bitmapBytes > BigInt(req.session.maxBitmapSize)) {
+        throw fail.toobig(`a ${bitmapBytes}-byte bitmap exceeds the negotiated max_bitmap_size ${req.session.maxBitmapSize}`);
+      }
       if (argsz > BigInt(f.argsz)) {
         // spec: no room: report the size needed, change nothing (the log is not cleared)
         return { parts: encodeDeviceFeatureParts({ argsz: Number(argsz), flags: f.flags, data: f.data }) };

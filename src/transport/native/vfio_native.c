@@ -424,6 +424,22 @@ static napi_value js_dup(napi_env env, napi_callback_info info) {
   return ret_i32(env, r < 0 ? -errno : r);
 }
 
+/* setNonblocking(fd, on) -> 0 | -errno: O_NONBLOCK on or off (F_GETFL/F_SETFL).
+ * The flag lives in the open file description, so a received fd shares it
+ * with the process that sent it. */
+static napi_value js_set_nonblocking(napi_env env, napi_callback_info info) {
+  GET_ARGS(2);
+  int32_t fd;
+  bool on;
+  if (!arg_i32(env, argv[0], &fd, "fd must be a number")) return NULL;
+  if (napi_get_value_bool(env, argv[1], &on) != napi_ok) return throw_type(env, "on must be a boolean");
+  int flags = fcntl(fd, F_GETFL);
+  if (flags < 0) return ret_i32(env, -errno);
+  int want = on ? (flags | O_NONBLOCK) : (flags & ~O_NONBLOCK);
+  if (want != flags && fcntl(fd, F_SETFL, want) < 0) return ret_i32(env, -errno);
+  return ret_i32(env, 0);
+}
+
 /* memfdCreate(name, size) -> fd | -errno  (MFD_CLOEXEC, then ftruncate) */
 static napi_value js_memfd_create(napi_env env, napi_callback_info info) {
   GET_ARGS(2);
@@ -840,6 +856,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"send", NULL, js_send, NULL, NULL, NULL, napi_enumerable, NULL},
       {"close", NULL, js_close, NULL, NULL, NULL, napi_enumerable, NULL},
       {"dup", NULL, js_dup, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"setNonblocking", NULL, js_set_nonblocking, NULL, NULL, NULL, napi_enumerable, NULL},
       {"memfdCreate", NULL, js_memfd_create, NULL, NULL, NULL, napi_enumerable, NULL},
       {"eventfd", NULL, js_eventfd, NULL, NULL, NULL, napi_enumerable, NULL},
       {"fstatSize", NULL, js_fstat_size, NULL, NULL, NULL, napi_enumerable, NULL},

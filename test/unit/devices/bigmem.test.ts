@@ -5,6 +5,7 @@ import { pino } from "pino";
 import { describe, expect, it } from "vitest";
 import {
   BIGMEM_ID,
+  BIGMEM_MSIX_VECTOR,
   BigmemDevice,
   BigmemReg,
   CMD_IRQ,
@@ -162,11 +163,12 @@ describe("bigmem identity and registers", () => {
   it("has the documented identity, BARs and interrupts", () => {
     const dev = new BigmemDevice();
     expect(dev.type).toBe("bigmem");
-    expect(dev.stateVersion).toBe(1);
+    expect(dev.stateVersion).toBe(2);
     expect(dev.identity).toMatchObject({ vendorId: 0x1234, classCode: 0x050000, revision: 1 });
     expect(dev.identity.deviceId).not.toBe(0x11e8);
     expect(dev.interruptPin).toBe(1);
     expect(dev.capabilities.msi.vectors).toBe(1);
+    expect(dev.capabilities.msix).toEqual({ vectors: 3, tableBar: 0, tableOffset: 0xc00, pbaBar: 0, pbaOffset: 0xe00 });
     expect(bar(dev, 0)).toMatchObject({ size: 4096n, kind: "mem32" });
     expect(bar(dev, 2)).toMatchObject({ size: 256n << 20n, kind: "mem64", prefetchable: true });
     expect(dev.precopyMemory).toBeDefined();
@@ -263,6 +265,23 @@ describe("bigmem DMA", () => {
     w32(dev, BigmemReg.IRQ_ACK, IRQ_DMA);
     expect(r32(dev, BigmemReg.IRQ_STATUS)).toBe(0);
     expect(irqs).toEqual(["msi:0"]);
+  });
+
+  it("with MSI-X: DMA done on vector 2, checksum done on vector 1, IRQ_RAISE on vector 0; no INTx", async () => {
+    const { dev, guest, irqs } = make("4M", "msix");
+    guest.fill(7, 0, 4096);
+    startDma(dev, GUEST_BASE, 0, 4096, CMD_IRQ);
+    await idle(dev);
+    expect(irqs).toEqual([`msi:${BIGMEM_MSIX_VECTOR.DMA}`]);
+    startCsum(dev, 0, 4096, CMD_IRQ);
+    await idle(dev);
+    expect(irqs).toEqual([`msi:${BIGMEM_MSIX_VECTOR.DMA}`, `msi:${BIGMEM_MSIX_VECTOR.CSUM}`]);
+    w32(dev, BigmemReg.IRQ_RAISE, 0x1);
+    expect(irqs).toEqual(["msi:2", "msi:1", "msi:0"]);
+    expect(r32(dev, BigmemReg.IRQ_STATUS)).toBe(IRQ_DMA | IRQ_CSUM | 0x1);
+    w32(dev, BigmemReg.IRQ_ACK, 0xffffffff);
+    expect(r32(dev, BigmemReg.IRQ_STATUS)).toBe(0);
+    expect(irqs.filter((i) => i.startsWith("intx"))).toEqual([]);
   });
 
   it("copies device memory into guest RAM and interrupts with INTx", async () => {
