@@ -274,12 +274,13 @@ describeQemuMig("faults on demand: what QEMU's migrating client does", () => {
     expect(o.sourceSays).toContain("failed to read header: EOF");
   }, 120_000);
 
-  it("destination arc=STOP>RESUMING,errno=EIO: the destination's load fails; the source resumes, device state kept", async () => {
+  it("destination arc=STOP>RESUMING,errno=EIO: the source resumes, device state kept; the destination QEMU aborts on an assertion in its error path", async () => {
     const o = await faultyMigration("d-resume", { destination: ["arc=STOP>RESUMING,errno=EIO"] });
     expect(o.status).toBe("failed");
-    expect(o.statesB[0]).toBe("RUNNING->STOP");
+    expect(o.statesB).toEqual(["RUNNING->STOP", "STOP->RUNNING"]);
     expect(o.sourceDeviceIntact).toBe(true);
-    expect(o.destinationQemu).not.toBe("running");
+    expect(o.destinationQemu).toBe("died (SIGABRT)");
+    expect(o.destinationSays.some((l) => /error_setv: Assertion `\*errp == NULL' failed/.test(l))).toBe(true);
   }, 120_000);
 
   it("destination cmd=MIG_DATA_WRITE,errno=EIO: the destination's load fails; the source resumes, device state kept", async () => {
@@ -299,11 +300,12 @@ describeQemuMig("faults on demand: what QEMU's migrating client does", () => {
     expect(o.sourceVm).toBe("postmigrate");
   }, 120_000);
 
-  it("destination state=RESUMING,drop: the destination's load fails; the source resumes, device state kept", async () => {
+  it("destination state=RESUMING,drop: the source resumes, device state kept; the destination QEMU times out, its DEVICE_RESET too, and it aborts", async () => {
     const o = await faultyMigration("d-drop", { destination: ["state=RESUMING,drop"] });
     expect(o.status).toBe("failed");
     expect(o.sourceDeviceIntact).toBe(true);
-    expect(o.destinationQemu).not.toBe("running");
+    expect(o.destinationQemu).toBe("died (SIGABRT)");
+    expect(o.destinationSays).toContain("failed to read header: EOF");
   }, 120_000);
 
   it("cmd=DMA_MAP,times=all,errno=ENOSPC while QEMU starts (every map refused): QEMU says nothing and runs; the device's DMA into guest RAM fails", async () => {
