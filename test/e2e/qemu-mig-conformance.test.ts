@@ -27,7 +27,7 @@ import { BIGMEM_DEVICE_ID, BIGMEM_VENDOR, BigmemGuest } from "./harness/bigmem-g
 import { describeQemuMig } from "./harness/describe-qemu.ts";
 import { EduGuest, REG, bringUp, pattern, pollUntil } from "./harness/edu-guest.ts";
 import { describeMigration, runState, startMigration } from "./harness/migrate.ts";
-import { MIG_SLOT, MigrationPair, inProcess, logged, states } from "./harness/mig-pair.ts";
+import { MIG_SLOT, MigrationPair, inProcess, logged, states, withContext } from "./harness/mig-pair.ts";
 import * as pci from "./harness/pci.ts";
 import { prototypeLoggingShim, type ShimCounts } from "./harness/prototype-shim.ts";
 import { startServer, type ServerHandle } from "./harness/server.ts";
@@ -41,15 +41,6 @@ afterEach(async () => {
   await pair?.stop();
   pair = undefined;
 });
-
-async function withContext(p: MigrationPair, fn: () => Promise<void>): Promise<void> {
-  try {
-    await fn();
-  } catch (e) {
-    if (e instanceof Error) e.message += `\n${p.context()}`;
-    throw e;
-  }
-}
 
 function reportFile(p: MigrationPair, name: string): string {
   return join(p.dir.host, name);

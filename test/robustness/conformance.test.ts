@@ -7,8 +7,6 @@
  * script of good and bad messages gets byte-identical replies from a server
  * with and without the report.
  */
-import fs from "node:fs";
-import path from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import {
   Command,
@@ -22,43 +20,29 @@ import {
   type Frame,
 } from "../../protocol/index.ts";
 import { DEVIATIONS, type DeviationId, type DeviationRecord } from "../../src/conformance/index.ts";
-import { VfioUserServer } from "../../src/server/server.ts";
-import { EduDevice } from "../../devices/edu/edu.ts";
-import { RawClient, captureLogger, eventually, frameBytes, le, memfd, sleep, tmpDir, versionBody, type LogLine } from "./raw-client.ts";
+import { RawClient, eventually, frameBytes, le, memfd, sleep, startInProcessServer, versionBody, type InProcessServer } from "./raw-client.ts";
 import { native } from "../../src/transport/native.ts";
 
 const INCOMPLETE_MS = 150;
 
-interface Bench {
-  server: VfioUserServer;
-  socketPath: string;
-  dir: string;
-  logs: LogLine[];
-  c: RawClient;
-}
+type Bench = InProcessServer & { c: RawClient };
 
 let bench: Bench | null = null;
 
 afterEach(() => {
   if (!bench) return;
   bench.c.close();
-  void bench.server.close();
-  fs.rmSync(bench.dir, { recursive: true, force: true });
+  bench.stop();
   bench = null;
 });
 
 async function open(opts: { version?: boolean; conformance?: boolean; incompleteFrameMs?: number } = {}): Promise<Bench> {
-  const dir = tmpDir("vfu-conf-");
-  const socketPath = path.join(dir, "s.sock");
-  const logs: LogLine[] = [];
-  const server = new VfioUserServer({
-    device: new EduDevice(),
-    log: captureLogger("debug", logs),
-    conformance: opts.conformance === false ? undefined : { incompleteFrameMs: opts.incompleteFrameMs ?? INCOMPLETE_MS },
+  const srv = startInProcessServer({
+    dirPrefix: "vfu-conf-",
+    server: { conformance: opts.conformance === false ? undefined : { incompleteFrameMs: opts.incompleteFrameMs ?? INCOMPLETE_MS } },
   });
-  server.listen(socketPath);
-  const c = opts.version === false ? RawClient.connect(socketPath) : await RawClient.ready(socketPath);
-  bench = { server, socketPath, dir, logs, c };
+  const c = opts.version === false ? RawClient.connect(srv.socketPath) : await RawClient.ready(srv.socketPath);
+  bench = { ...srv, c };
   return bench;
 }
 
@@ -462,8 +446,7 @@ describe("the report changes no reply", () => {
     }
     const named = b.server.conformance?.report().clients[0]?.deviations.length ?? 0;
     b.c.close();
-    void b.server.close();
-    fs.rmSync(b.dir, { recursive: true, force: true });
+    b.stop();
     bench = null;
     return { replies, refused, named };
   }

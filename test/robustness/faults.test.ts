@@ -5,23 +5,16 @@
  * failed arc may leave, as the spec allows). A server's fault-free twin
  * gives the reference where a stream is compared.
  */
-import fs, { readSync } from "node:fs";
-import path from "node:path";
+import { readSync } from "node:fs";
 import { afterEach, describe, expect, it } from "vitest";
 import { Command, Errno, Feature, FeatureFlags, IrqIndex, IrqSetFlags, MigState, RegionIndex } from "../../protocol/index.ts";
 import { EduDevice } from "../../devices/edu/edu.ts";
 import { FaultSyntaxError } from "../../src/faults/language.ts";
 import { VfioUserServer } from "../../src/server/server.ts";
 import { native } from "../../src/transport/native.ts";
-import { RawClient, captureLogger, eventfd, eventually, le, sleep, tmpDir, type LogLine } from "./raw-client.ts";
+import { RawClient, eventfd, eventually, le, sleep, startInProcessServer, type InProcessServer, type LogLine } from "./raw-client.ts";
 
-interface Bench {
-  server: VfioUserServer;
-  socketPath: string;
-  dir: string;
-  logs: LogLine[];
-  c: RawClient;
-}
+type Bench = InProcessServer & { c: RawClient };
 
 const benches: Bench[] = [];
 const fds: number[] = [];
@@ -29,19 +22,14 @@ const fds: number[] = [];
 afterEach(() => {
   for (const b of benches.splice(0)) {
     b.c.close();
-    void b.server.close();
-    fs.rmSync(b.dir, { recursive: true, force: true });
+    b.stop();
   }
   for (const fd of fds.splice(0)) native.close(fd);
 });
 
 async function open(faults: string[], opts: { conformance?: boolean } = {}): Promise<Bench> {
-  const dir = tmpDir("vfu-fault-");
-  const socketPath = path.join(dir, "s.sock");
-  const logs: LogLine[] = [];
-  const server = new VfioUserServer({ device: new EduDevice(), log: captureLogger("debug", logs), faults, conformance: opts.conformance });
-  server.listen(socketPath);
-  const b = { server, socketPath, dir, logs, c: await RawClient.ready(socketPath) };
+  const srv = startInProcessServer({ dirPrefix: "vfu-fault-", server: { faults, conformance: opts.conformance } });
+  const b = { ...srv, c: await RawClient.ready(srv.socketPath) };
   benches.push(b);
   return b;
 }

@@ -131,6 +131,16 @@ export class MigrationPair {
   }
 }
 
+/** Runs `fn`; on failure appends the pair's four logs to the message. */
+export async function withContext(p: MigrationPair, fn: () => Promise<void>): Promise<void> {
+  try {
+    await fn();
+  } catch (e) {
+    if (e instanceof Error) e.message += `\n${p.context()}`;
+    throw e;
+  }
+}
+
 /** "FROM->NOW" for each MIG_DEVICE_STATE SET the server logged after `mark`. */
 export function states(server: { log: LogCapture }, mark = 0): string[] {
   return server.log
