@@ -1,7 +1,7 @@
 #!/bin/sh
 # A small Linux guest for booting under QEMU/TCG in tests
 # (test/e2e/linux-guest.test.ts): Debian trixie's cloud kernel and an
-# initramfs base of busybox-static plus the uio modules.
+# initramfs base of busybox-static plus the uio and virtio_blk modules.
 #
 #   docker/guest-kit.sh setup    build the kit once (root only; needs network to
 #                                deb.debian.org), cached; prints the stamp
@@ -12,12 +12,17 @@
 #                            8250 console, devtmpfs and /dev/mem built in)
 #   config                   that kernel's config
 #   initramfs-base.cpio.gz   /bin/busybox (busybox-static, with devmem and
-#                            insmod), /bin/sh, /lib/modules/uio.ko and
-#                            uio_pci_generic.ko (decompressed, for busybox
-#                            insmod); no /init and no device nodes: a test
+#                            insmod), /bin/sh, /lib/modules/uio.ko,
+#                            uio_pci_generic.ko and virtio_blk.ko
+#                            (decompressed, for busybox insmod; the kernel
+#                            has CONFIG_VIRTIO_PCI=y but CONFIG_VIRTIO_BLK=m);
+#                            no /init and no device nodes: a test
 #                            appends a second cpio with those (the kernel
 #                            unpacks concatenated archives in order)
-#   .ready                   the stamp: kernel and busybox versions
+#   .ready                   the stamp: kit format, kernel and busybox versions;
+#                            a kit whose stamp lacks the current format line
+#                            is built again (KIT_FORMAT below, and
+#                            test/e2e/harness/linux-guest.ts)
 #
 # Where it lives: with the debootstrap root (docker/qemu-root.sh) in
 # $ROOT/opt/guest-kit, built inside the root with its apt; with a native QEMU
@@ -61,10 +66,12 @@ else
   INNER=$KIT
 fi
 STAMP="$KIT/.ready"
+# bump when the kit's contents change, so existing kits are rebuilt
+KIT_FORMAT="kit-format 2: uio uio_pci_generic virtio_blk"
 
 # The build, run as root on a Debian trixie system (the root, or the host):
-# $1 is the kit's path there. Everything happens in $1.partial, which
-# replaces $1 only when complete.
+# $1 is the kit's path there, $2 the format line for the stamp. Everything
+# happens in $1.partial, which replaces $1 only when complete.
 # shellcheck disable=SC2016
 BUILD='
 set -eu
@@ -95,7 +102,8 @@ cp "$vmlinuz" vmlinuz
 cp "x/boot/config-$kver" config
 cp "$bb" base/bin/busybox
 ln -s busybox base/bin/sh
-for m in uio uio_pci_generic; do
+MODULES="uio uio_pci_generic virtio_blk"
+for m in $MODULES; do
   f=$(find "$moddir" -name "$m.ko*" | head -n 1)
   [ -n "$f" ] || { echo "guest-kit: $m not found in $moddir" >&2; exit 1; }
   case $f in
@@ -104,14 +112,19 @@ for m in uio uio_pci_generic; do
     *.ko) cp "$f" "base/lib/modules/$m.ko" ;;
     *) echo "guest-kit: cannot decompress $f" >&2; exit 1 ;;
   esac
+  # what it needs (its .modinfo "depends=") must be in the kit too: busybox insmod does not resolve
+  deps=$(tr "\0" "\n" < "base/lib/modules/$m.ko" | grep "^depends=" | head -n 1 | cut -d= -f2 | tr "," " ")
+  for d in $deps; do
+    case " $MODULES " in *" $d "*) ;; *) echo "guest-kit: $m needs $d, which the kit lacks" >&2; exit 1 ;; esac
+  done
 done
 (cd base && find . -mindepth 1 | sort | "../$bb" cpio -o -H newc -R 0:0 2>/dev/null) | gzip -9n > initramfs-base.cpio.gz
 listing=$("$bb" zcat initramfs-base.cpio.gz | "$bb" cpio -t 2>/dev/null)
-for f in bin/busybox bin/sh lib/modules/uio.ko lib/modules/uio_pci_generic.ko; do
+for f in bin/busybox bin/sh lib/modules/uio.ko lib/modules/uio_pci_generic.ko lib/modules/virtio_blk.ko; do
   echo "$listing" | grep -qx "$f" || { echo "guest-kit: $f missing from initramfs-base.cpio.gz" >&2; exit 1; }
 done
 bbver=$("$bb" 2>&1 | head -n 1 | sed "s/ multi-call.*//")
-printf "linux %s (%s), %s\n" "$kver" "${img#linux-image-}" "$bbver" > .ready.new
+printf "%s\nlinux %s (%s), %s\n" "$2" "$kver" "${img#linux-image-}" "$bbver" > .ready.new
 rm -rf debs x base
 rm -rf "$kit"
 mv "$work" "$kit"
@@ -120,7 +133,7 @@ cat "$kit/.ready"
 '
 
 setup() {
-  if [ -f "$STAMP" ]; then
+  if [ -f "$STAMP" ] && grep -qxF "$KIT_FORMAT" "$STAMP"; then
     cat "$STAMP"
     return 0
   fi
@@ -129,14 +142,14 @@ setup() {
     exit 1
   fi
   if [ "$MODE" = chroot ]; then
-    sh "$here/qemu-root.sh" exec sh -c "$BUILD" guest-kit "$INNER"
+    sh "$here/qemu-root.sh" exec sh -c "$BUILD" guest-kit "$INNER" "$KIT_FORMAT"
   else
     command -v apt-get >/dev/null 2>&1 && command -v dpkg-deb >/dev/null 2>&1 || {
       echo "guest-kit: native mode needs a Debian system (apt-get, dpkg-deb)" >&2
       exit 1
     }
     mkdir -p "$(dirname "$KIT")"
-    sh -c "$BUILD" guest-kit "$INNER"
+    sh -c "$BUILD" guest-kit "$INNER" "$KIT_FORMAT"
   fi
 }
 

@@ -102,7 +102,8 @@ setup() {
   if [ "$what" = fixed ] || [ "$what" = all ]; then build_one fixed "$src"; fi
   if [ "$what" = asfound ] || [ "$what" = all ]; then build_one asfound "$src"; fi
   # the guest kit, for Linux guests migrated by this QEMU
-  VFIO_USER_QEMU_ROOT=$ROOT VFIO_USER_QEMU=chroot sh "$here/guest-kit.sh" setup >/dev/null
+  # its own kit, wherever VFIO_USER_GUEST_KIT points the Debian root's
+  VFIO_USER_QEMU_ROOT=$ROOT VFIO_USER_QEMU=chroot VFIO_USER_GUEST_KIT= sh "$here/guest-kit.sh" setup >/dev/null
 }
 
 status() {

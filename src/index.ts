@@ -11,11 +11,15 @@ export type {
   DeviceIdentity,
   DeviceOptions,
   Dma,
+  Doorbell,
+  DmaSegment,
+  DmaViews,
   InterruptMode,
   Interrupts,
   PrecopyMemory,
   RegionHandlers,
   StateValue,
+  VendorCapability,
 } from "./device/api.ts";
 
 // Saved-state helpers for saveState / loadState.

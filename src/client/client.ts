@@ -56,6 +56,11 @@ import {
   encodeDeviceGetRegionInfoRequest,
   type DeviceGetRegionInfoReply,
 } from "../../protocol/messages/device-get-region-info.ts";
+import {
+  decodeDeviceGetRegionIoFdsReply,
+  encodeDeviceGetRegionIoFdsRequest,
+  type DeviceGetRegionIoFdsReply,
+} from "../../protocol/messages/device-get-region-io-fds.ts";
 import { encodeDeviceSetIrqsRequest } from "../../protocol/messages/device-set-irqs.ts";
 import { encodeDmaMapRequest } from "../../protocol/messages/dma-map.ts";
 import { decodeDmaReadRequest, encodeDmaReadReplyParts } from "../../protocol/messages/dma-read.ts";
@@ -196,6 +201,8 @@ export class VfioUserClient {
   private readonly timeoutMs: number;
   private readonly offeredXferSize: number;
   private _closed = false;
+  /** msgIds whose reply fds the caller takes (see request). */
+  private readonly keepReplyFds = new Set<number>();
   private closeReason: Error | undefined;
   private resolveClosed!: (err: Error | undefined) => void;
 
@@ -291,6 +298,23 @@ export class VfioUserClient {
       const info = decodeDeviceGetRegionInfoReply(frame.body);
       if (info.argsz <= argsz || attempt > 0) return info;
       argsz = info.argsz;
+    }
+  }
+
+  /**
+   * GET_REGION_IO_FDS: the region's sub-regions served by fds (doorbells as
+   * ioeventfds) and the fds, which the caller now owns (close them). Asks
+   * again with room for the array when the first reply says it needs more.
+   */
+  async regionIoFds(index: number): Promise<{ reply: DeviceGetRegionIoFdsReply; fds: number[] }> {
+    let argsz: number = MessageSize.REGION_IO_FDS_FIXED;
+    for (let attempt = 0; ; attempt++) {
+      const frame = await this.request(Command.DEVICE_GET_REGION_IO_FDS, encodeDeviceGetRegionIoFdsRequest({ argsz, index }), [], true);
+      const fds = frame.fds.splice(0);
+      const reply = decodeDeviceGetRegionIoFdsReply(frame.body);
+      if (reply.argsz <= argsz || attempt > 0) return { reply, fds };
+      for (const fd of fds) native.close(fd);
+      argsz = reply.argsz;
     }
   }
 
@@ -592,9 +616,17 @@ export class VfioUserClient {
   // ---------------------------------------------------------------------
 
   /** Sends a command and resolves with its reply frame; rejects on an error reply, timeout or close. */
-  request(command: number, body: Uint8Array | readonly Uint8Array[], fds: readonly number[] = []): Promise<Frame> {
+  /**
+   * Sends a command and resolves with its reply frame; rejects on an error
+   * reply, timeout or close. With `keepFds` the reply's fds stay in the
+   * frame for the caller (who must close them); otherwise they are closed.
+   */
+  request(command: number, body: Uint8Array | readonly Uint8Array[], fds: readonly number[] = [], keepFds = false): Promise<Frame> {
     if (this._closed) return Promise.reject(this.closedError());
-    return this.pending.start(command, (msgId) => this.send(encodeMessage(commandHeader(msgId, command), body), fds));
+    return this.pending.start(command, (msgId) => {
+      if (keepFds) this.keepReplyFds.add(msgId);
+      this.send(encodeMessage(commandHeader(msgId, command), body), fds);
+    });
   }
 
   /** Sends a command with No_reply. */
@@ -624,11 +656,16 @@ export class VfioUserClient {
   }
 
   private onFrame(frame: Frame): void {
-    // nothing the server sends us carries fds we want
-    for (const fd of frame.fds) native.close(fd);
     const h = frame.header;
-    if ((h.flags & HeaderFlags.TYPE_MASK) === HeaderFlags.TYPE_REPLY) {
-      this.pending.settle(frame); // false: a late reply to a timed-out request
+    const isReply = (h.flags & HeaderFlags.TYPE_MASK) === HeaderFlags.TYPE_REPLY;
+    // only replies to requests that asked for them keep their fds
+    if (!(isReply && this.keepReplyFds.delete(h.msgId) && (h.flags & HeaderFlags.ERROR) === 0)) {
+      for (const fd of frame.fds) native.close(fd);
+      frame.fds.length = 0;
+    }
+    if (isReply) {
+      // false: a late reply to a timed-out request
+      if (!this.pending.settle(frame)) for (const fd of frame.fds.splice(0)) native.close(fd);
       return;
     }
     this.serveRequest(frame);

@@ -43,10 +43,17 @@ function declaredCapabilities(dev: Device): { id: number; name: string }[] {
   if (c.msi) out.push({ id: PciCapId.MSI, name: "MSI" });
   if (c.msix) out.push({ id: PciCapId.MSIX, name: "MSI-X" });
   if (c.pcie) out.push({ id: PciCapId.EXP, name: "PCI Express" });
+  for (let i = 0; i < (c.vendor?.length ?? 0); i++) out.push({ id: PciCapId.VNDR, name: "vendor-specific" });
   return out;
 }
 
-const CAP_NAMES: Record<number, string> = { [PciCapId.PM]: "PM", [PciCapId.MSI]: "MSI", [PciCapId.MSIX]: "MSI-X", [PciCapId.EXP]: "PCI Express" };
+const CAP_NAMES: Record<number, string> = {
+  [PciCapId.PM]: "PM",
+  [PciCapId.MSI]: "MSI",
+  [PciCapId.MSIX]: "MSI-X",
+  [PciCapId.EXP]: "PCI Express",
+  [PciCapId.VNDR]: "vendor-specific",
+};
 
 function capName(id: number): string {
   return CAP_NAMES[id] ?? `id ${hex(id, 2)}`;
@@ -168,6 +175,18 @@ const capabilityList: Check = {
         if (flags & PciMsix.FLAGS_ENABLE) ctx.fail("MSI-X is enabled at power-on");
       }
     }
+    const vendor = list.filter((c) => c.id === PciCapId.VNDR);
+    (caps.vendor ?? []).forEach((def, i) => {
+      const at = vendor[i]?.offset;
+      // a capability with live contents (a read hook) is only checked for its place in the list
+      if (at === undefined || def.read) return;
+      for (let b = 2; b < def.bytes.length; b++) {
+        if (cfg[at + b] !== def.bytes[b]) {
+          ctx.fail(`vendor-specific capability ${i} at ${hex(at)}: byte ${b} reads ${hex(cfg[at + b]!, 2)}, the definition says ${hex(def.bytes[b]!, 2)}`);
+          break;
+        }
+      }
+    });
     if (caps.pcie && cfg.length > 0x100) {
       // extended capabilities: a null header or a well-formed list from 0x100
       const seen = new Set<number>();

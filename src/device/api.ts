@@ -31,6 +31,24 @@ export interface RegionHandlers {
   write(offset: number, data: Buffer): void;
 }
 
+/**
+ * A doorbell: a register whose writes only mean "look now" (virtio's queue
+ * notify). A client that can (KVM) turns it into an ioeventfd through
+ * GET_REGION_IO_FDS, and the guest's writes then ring it without a message;
+ * every other write still reaches the BAR's `write` handler as usual, so a
+ * device handles both.
+ */
+export interface Doorbell {
+  /** Offset in the BAR. */
+  readonly offset: number;
+  /** Width of the guest's write. */
+  readonly size: 1 | 2 | 4 | 8;
+  /** Only writes of this value ring it (KVM's DATAMATCH); absent: any value does. */
+  readonly datamatch?: bigint;
+  /** Rung through the ioeventfd (one call may stand for several writes). */
+  ring(): void;
+}
+
 /** One BAR of the device. */
 export interface BarDefinition extends RegionHandlers {
   index: number;
@@ -41,6 +59,8 @@ export interface BarDefinition extends RegionHandlers {
   size: bigint;
   kind: "mem32" | "mem64" | "io";
   prefetchable?: boolean;
+  /** Doorbells a client may serve as ioeventfds (see Doorbell). */
+  doorbells?: readonly Doorbell[];
 }
 
 /** Capabilities the framework builds into config space, in this order. */
@@ -56,6 +76,43 @@ export interface CapabilitiesDefinition {
   msix?: { vectors: number; tableBar: number; tableOffset: number; pbaBar: number; pbaOffset: number };
   /** A PCI Express endpoint capability (config space grows to 4 KiB). */
   pcie?: boolean;
+  /**
+   * Vendor-specific capabilities (ID 0x09), in this order after the others:
+   * the device lays out each body, the framework places it in the list.
+   */
+  vendor?: readonly VendorCapability[];
+}
+
+/**
+ * A vendor-specific capability (PCI capability ID 0x09, e.g. virtio's
+ * VIRTIO_PCI_CAP_* structures). The framework places it dword aligned in
+ * the capability list and owns byte 1 (the next pointer); everything else
+ * is the device's. Offsets below are within the capability (0 = its ID).
+ */
+export interface VendorCapability {
+  /**
+   * Contents at power-on: byte 0 is the ID (0x09), byte 1 is filled in by
+   * the framework, byte 2 is by convention the capability's length. 3 to
+   * 192 bytes.
+   */
+  readonly bytes: Uint8Array;
+  /**
+   * Bits the guest may write, byte for byte (same length as `bytes`).
+   * Without it the capability is read-only to the guest.
+   */
+  readonly writable?: Uint8Array;
+  /**
+   * Live reads: called for a guest read that touches the capability, with
+   * `data` holding the stored bytes of the part read (from `offset`); the
+   * device may overwrite them. `cap` is the capability as stored (read only).
+   */
+  read?(offset: number, data: Buffer, cap: Buffer): void;
+  /**
+   * Called after a guest write touched the capability (masks applied):
+   * `offset` and `length` say which part, `cap` is the capability as stored
+   * now (read only).
+   */
+  write?(offset: number, length: number, cap: Buffer): void;
 }
 
 /** Which interrupt mechanism the guest driver enabled. */
@@ -86,16 +143,65 @@ export interface Interrupts {
   notify(vector?: number): boolean;
 }
 
+/** One guest range of a scatter-gather list. */
+export interface DmaSegment {
+  readonly address: bigint;
+  /** Bytes; 0 is allowed and moves nothing. */
+  readonly length: number;
+}
+
+/**
+ * Zero-copy views of guest memory from `Dma.map`, valid until `release()`.
+ * While any are held, the client's DMA_UNMAP of that memory waits (the
+ * server replies once the views are released), so release them promptly:
+ * when the I/O they were taken for is done.
+ */
+export interface DmaViews {
+  /**
+   * The segments' bytes in order. A segment gives more than one Buffer where
+   * the client's DMA regions (or the server's 1 GiB mapping windows) split
+   * it; zero-length segments give none.
+   */
+  readonly buffers: readonly Buffer[];
+  /** Total bytes of `buffers`. */
+  readonly length: number;
+  /**
+   * Done with the views: do not touch them afterwards. Views taken for
+   * "write" are logged dirty again here (a write into a view after a dirty
+   * report is not lost). Idempotent.
+   */
+  release(): void;
+}
+
 /**
  * Device-initiated DMA into client (guest) memory. Both paths (memory the
  * client shared with an fd, and DMA_READ/WRITE messages) look the same here.
+ * A range may span several of the client's DMA regions (QEMU maps one per
+ * memory section): it is split per region, each part through its own path.
  * Every write is logged for migration when dirty logging is on. Rejected
- * when bus mastering is off in the command register, or when the address
- * range is not mapped.
+ * with EPERM when bus mastering is off in the command register or the
+ * device is stopped, or when a region does not allow the access; with
+ * EFAULT when any byte of the range is not mapped (checked before anything
+ * moves, so a refused write writes nothing).
  */
 export interface Dma {
   read(address: bigint, length: number): Promise<Buffer>;
   write(address: bigint, data: Uint8Array): Promise<void>;
+  /** Scatter-gather read: the segments' bytes, concatenated. */
+  readv(segments: readonly DmaSegment[]): Promise<Buffer>;
+  /** Scatter-gather write: `data` laid over the segments in order (EINVAL unless its length is their total). */
+  writev(segments: readonly DmaSegment[], data: Uint8Array): Promise<void>;
+  /**
+   * Zero-copy views of the segments, or null when some part is not memory
+   * the client shared with an fd (then use readv / writev, which copy over
+   * DMA_READ / DMA_WRITE messages). Throws like `read`/`write` otherwise.
+   *
+   * `access` "write" counts as written: the ranges are logged dirty when
+   * mapped and again at release. Views taken for "read" must never be
+   * written (the client may have mapped that memory read-only, and a store
+   * to it kills the process).
+   */
+  map(segments: readonly DmaSegment[], access: "read" | "write"): DmaViews | null;
 }
 
 /** What the framework hands a device when it is attached to a server. */
@@ -184,6 +290,18 @@ export interface Device {
    * whose state implies an asserted line calls `irq.setLevel(true)` here.
    */
   runStateChanged?(running: boolean): void;
+  /**
+   * Called before a running device is stopped for migration (the arcs from
+   * RUNNING or PRE_COPY to STOP or STOP_COPY), while `ctx.running` is still
+   * true: stop taking new work, and resolve once every request in flight has
+   * completed (its DMA done, its interrupt sent) or is recorded in what
+   * `saveState` will return. The state machine waits for it; nothing the
+   * device started may DMA or interrupt after it resolves. A device with
+   * storage behind it flushes here. Work the guest queued meanwhile stays
+   * queued for the destination (or for `runStateChanged(true)` if the
+   * migration is cancelled). A rejection fails the arc (ERROR).
+   */
+  quiesce?(): Promise<void>;
   /** Small device state (registers) for migration and snapshots. */
   saveState(): StateValue;
   /** Load what saveState returned (already checked for type and version). */

@@ -85,6 +85,12 @@ export class MigrationController {
    * its migration (QEMU disconnects a source just so, DMA logging still on).
    */
   private finished: "saved" | "loaded" | null = null;
+  /**
+   * A migration is under way: a stream state (PRE_COPY, STOP_COPY,
+   * RESUMING) was entered since the device last ran. A STOP without one is
+   * a stopped VM (QEMU stops its devices when the guest powers off).
+   */
+  private streaming = false;
   private readonly log: Logger;
 
   constructor(
@@ -117,6 +123,7 @@ export class MigrationController {
       await this.fsm.transition(to, faults === null ? (a, b) => this.hop(a, b) : (a, b) => faults.arc(a, b, () => this.hop(a, b)));
     } finally {
       const now = this.fsm.state;
+      if (now === MigState.RUNNING || now === MigState.RUNNING_P2P) this.streaming = false;
       this.endpoint.setRunning(deviceMayRun(now));
       if (now === MigState.ERROR) this.dropStreams();
       this.log.info({ from: migStateName(from), to: migStateName(to), now: migStateName(now) }, "migration state");
@@ -128,6 +135,12 @@ export class MigrationController {
     this.fsm.reset();
     this.dropStreams();
     this.finished = null;
+    this.streaming = false;
+  }
+
+  /** A stream state was entered since the device last ran (see `streaming`). */
+  get migrating(): boolean {
+    return this.streaming;
   }
 
   /** The migration the last state request completed ("saved" on a source, "loaded" on a destination), or null. */
@@ -146,10 +159,13 @@ export class MigrationController {
     this.endPending = false;
   }
 
-  private hop(from: MigState, to: MigState): void {
+  private async hop(from: MigState, to: MigState): Promise<void> {
+    // a running device finishes its in-flight work before it is told it stops
+    if (deviceMayRun(from) && !deviceMayRun(to)) await this.endpoint.quiesce();
     // the device stops before the arc's work when the target may not run
     this.endpoint.setRunning(deviceMayRun(to) && deviceMayRun(from));
     const S = MigState;
+    if (to === S.PRE_COPY || to === S.PRE_COPY_P2P || to === S.STOP_COPY || to === S.RESUMING) this.streaming = true;
     if (to === S.PRE_COPY && from === S.RUNNING || to === S.PRE_COPY_P2P && from === S.RUNNING_P2P) {
       this.beginSaving();
       const mem = this.memory;

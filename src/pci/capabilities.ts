@@ -5,9 +5,10 @@
  * the list at 0x40 and applies the masks; rules that masks cannot express
  * (MSI's enable clamp, PM's unsupported states) live here in `afterWrite`.
  */
+import type { VendorCapability } from "../device/api.ts";
 import { PciCap, PciCapId, PciExp, PciMsi, PciMsix, PciPm, PciHeader, PciStatus } from "./registers.ts";
 
-export type CapabilityName = "pm" | "msi" | "msix" | "pcie";
+export type CapabilityName = "pm" | "msi" | "msix" | "pcie" | "vendor";
 
 export interface CapabilityImage {
   readonly id: number;
@@ -28,6 +29,10 @@ export interface CapabilityImage {
    * the write.
    */
   afterWrite?(cap: Uint8Array, before: Uint8Array): void;
+  /** Live contents: `data` holds the stored bytes read from `offset` (within the capability) and may be changed. */
+  onRead?(offset: number, data: Buffer, cap: Buffer): void;
+  /** After a guest write of `length` bytes at `offset` (within the capability), masks and afterWrite applied. */
+  onWrite?(offset: number, length: number, cap: Buffer): void;
 }
 
 /** First offset available to capabilities: just past the type-0 header. */
@@ -206,6 +211,41 @@ export function pcieCapability(): CapabilityImage {
     .u32(PciExp.LNKCAP2, PciExp.LNKCAP2_SLS_2_5GB)
     .u16(PciExp.LNKCTL2, PciExp.LNKCTL2_TLS_2_5GT);
   return { id: PciCapId.EXP, name: "pcie", size: PciExp.SIZEOF_V2, ...images(b) };
+}
+
+/** Largest vendor capability: what fits between the header and the end of conventional config space. */
+export const VENDOR_CAPABILITY_MAX = 0x100 - CAPABILITY_LIST_START;
+
+/**
+ * A device's vendor-specific capability (ID 0x09): its own bytes and
+ * writable bits, byte 1 (next pointer) left to placement, and the device's
+ * read and write hooks passed through.
+ */
+export function vendorCapability(def: VendorCapability): CapabilityImage {
+  const size = def.bytes.length;
+  if (size < 3 || size > VENDOR_CAPABILITY_MAX) throw new RangeError(`vendor capability of ${size} bytes; it must be 3..${VENDOR_CAPABILITY_MAX}`);
+  if (def.bytes[PciCap.LIST_ID] !== PciCapId.VNDR) {
+    throw new RangeError(`vendor capability starts with ID 0x${def.bytes[0]!.toString(16)}, expected 0x${PciCapId.VNDR.toString(16)}`);
+  }
+  if (def.writable !== undefined && def.writable.length !== size) {
+    throw new RangeError(`vendor capability: writable mask of ${def.writable.length} bytes for ${size} bytes`);
+  }
+  // dword multiple, so the next capability stays aligned; the padding reads 0
+  const padded = (size + 3) & ~3;
+  const bytes = new Uint8Array(padded);
+  bytes.set(def.bytes);
+  bytes[PciCap.LIST_NEXT] = 0;
+  const wmask = new Uint8Array(padded);
+  if (def.writable) wmask.set(def.writable);
+  // the ID and the next pointer are never the guest's
+  wmask[PciCap.LIST_ID] = 0;
+  wmask[PciCap.LIST_NEXT] = 0;
+  const image: CapabilityImage = { id: PciCapId.VNDR, name: "vendor", size: padded, bytes, wmask, w1cmask: new Uint8Array(padded), dynmask: new Uint8Array(padded) };
+  return {
+    ...image,
+    ...(def.read ? { onRead: (o: number, d: Buffer, cap: Buffer) => def.read!(o, d, cap) } : {}),
+    ...(def.write ? { onWrite: (o: number, n: number, cap: Buffer) => def.write!(o, n, cap) } : {}),
+  };
 }
 
 function images(b: ImageBuilder) {

@@ -4,7 +4,7 @@
  * and the capability list. Writes are byte-granular, so a 32-bit write at 0x04
  * carrying status bytes keeps the status register's read-only and W1C rules.
  */
-import type { DeviceIdentity } from "../device/api.ts";
+import type { DeviceIdentity, VendorCapability } from "../device/api.ts";
 import {
   CAPABILITY_LIST_START,
   msiCapability,
@@ -12,6 +12,7 @@ import {
   pcieCapability,
   placeCapabilities,
   pmCapability,
+  vendorCapability,
   type CapabilityImage,
   type CapabilityName,
 } from "./capabilities.ts";
@@ -50,6 +51,7 @@ export interface ConfigSpaceSpec extends DeviceIdentity {
     msi?: { vectors: 1 | 2 | 4 | 8 | 16 | 32; perVectorMask?: boolean };
     msix?: { vectors: number; tableBar: number; tableOffset: number; pbaBar: number; pbaOffset: number };
     pcie?: boolean;
+    vendor?: readonly VendorCapability[];
   };
 }
 
@@ -128,6 +130,8 @@ export class ConfigSpace {
   private readonly dynmask: Uint8Array;
   private readonly powerOn: Uint8Array;
   private readonly caps: PlacedCapability[];
+  /** Capabilities with read or write hooks (vendor capabilities of the device). */
+  private readonly liveCaps: PlacedCapability[];
   /** BarSpec index for each of the six BAR dwords, or -1. */
   private readonly barOfDword: number[];
 
@@ -166,8 +170,10 @@ export class ConfigSpace {
     if (caps.msi) images.push(msiCapability(caps.msi));
     if (caps.msix) images.push(msixCapability(caps.msix));
     if (caps.pcie) images.push(pcieCapability());
+    for (const v of caps.vendor ?? []) images.push(vendorCapability(v));
     const offsets = placeCapabilities(images.map((i) => i.size), CAPABILITY_LIST_START, PCI_CONFIG_SPACE_SIZE);
     this.caps = images.map((image, i) => ({ image, offset: offsets[i]! }));
+    this.liveCaps = this.caps.filter((p) => p.image.onRead || p.image.onWrite);
     this.caps.forEach(({ image, offset }, i) => {
       c.set(image.bytes, offset);
       this.wmask.set(image.wmask, offset);
@@ -192,7 +198,14 @@ export class ConfigSpace {
   /** A copy of `length` bytes at `offset`. */
   read(offset: number, length: number): Buffer {
     this.checkRange(offset, length);
-    return Buffer.from(this.cfg.subarray(offset, offset + length));
+    const out = Buffer.from(this.cfg.subarray(offset, offset + length));
+    for (const p of this.liveCaps) {
+      if (!p.image.onRead) continue;
+      const lo = Math.max(offset, p.offset);
+      const hi = Math.min(offset + length, p.offset + p.image.size);
+      if (lo < hi) p.image.onRead(lo - p.offset, out.subarray(lo - offset, hi - offset), this.capBytes(p));
+    }
+    return out;
   }
 
   /** A guest write: masks applied byte by byte, then capability rules. */
@@ -222,6 +235,11 @@ export class ConfigSpace {
         c.subarray(p.offset, p.offset + p.image.size),
         before.subarray(p.offset - lo, p.offset - lo + p.image.size),
       );
+    }
+    for (const p of touched) {
+      if (!p.image.onWrite) continue;
+      const from = Math.max(offset, p.offset);
+      p.image.onWrite(from - p.offset, Math.min(end, p.offset + p.image.size) - from, this.capBytes(p));
     }
 
     const effects: ConfigWriteEffects = { commandChanged: false, barsChanged: [], msiChanged: false, msixChanged: false };
@@ -363,6 +381,11 @@ export class ConfigSpace {
   /** Offset of a capability, or null when absent. */
   capOffset(name: CapabilityName): number | null {
     return this.caps.find((p) => p.image.name === name)?.offset ?? null;
+  }
+
+  /** A copy of a capability's stored bytes, for its hooks. */
+  private capBytes(p: PlacedCapability): Buffer {
+    return Buffer.from(this.cfg.subarray(p.offset, p.offset + p.image.size));
   }
 
   private capSize(name: CapabilityName): number {

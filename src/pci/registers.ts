@@ -117,6 +117,8 @@ export const PciBaseAddress = {
 export const PciCapId = {
   PM: 0x01,
   MSI: 0x05,
+  /** Vendor specific. */
+  VNDR: 0x09,
   EXP: 0x10,
   MSIX: 0x11,
 } as const;

@@ -5,7 +5,7 @@
  * when the client goes, as the spec asks; the device state is kept.
  */
 import type { Logger } from "pino";
-import type { Device, DeviceContext } from "../device/api.ts";
+import type { Device, DeviceContext, Doorbell } from "../device/api.ts";
 import { IrqIndex, MigState, RegionIndex } from "../../protocol/constants.ts";
 import { fail } from "../../protocol/errors.ts";
 import { DmaEngine, type SocketDma } from "../dma/dma-engine.ts";
@@ -17,6 +17,7 @@ import { InterruptController, type LimitedLog } from "../irq/interrupts.ts";
 import { MigrationController, type MigrationOptions } from "../migration/controller.ts";
 import { migStateName } from "../migration/fsm.ts";
 import { PciFunction } from "../pci/pci-function.ts";
+import { IoEventFds } from "./ioeventfds.ts";
 
 export interface EndpointOptions {
   log: Logger;
@@ -35,6 +36,8 @@ export class Endpoint {
   /** Non-null between DMA_LOGGING_START and STOP. */
   dirtyLog: DirtyLog | null = null;
   readonly migration: MigrationController;
+  /** The client's ioeventfds for doorbells (GET_REGION_IO_FDS). */
+  readonly ioEventFds: IoEventFds;
   readonly log: Logger;
   /** Faults injected on demand, or null (then no hook does anything). */
   readonly faults: FaultSet | null;
@@ -45,6 +48,7 @@ export class Endpoint {
     opts: EndpointOptions,
   ) {
     this.log = opts.log;
+    this.ioEventFds = new IoEventFds(opts.log);
     this.pci = new PciFunction(device);
     const caps = device.capabilities;
     const counts = [];
@@ -98,8 +102,26 @@ export class Endpoint {
     if (running) this.irq.reevaluate();
   }
 
+  /**
+   * Before a running device stops for migration: the device's own quiesce
+   * (in-flight requests completed or recorded in its state). A device that
+   * throws fails the arc (ERROR).
+   */
+  async quiesce(): Promise<void> {
+    if (!this.isRunning || !this.device.quiesce) return;
+    const t0 = performance.now();
+    await this.device.quiesce();
+    this.log.debug({ ms: Math.round(performance.now() - t0) }, "device quiesced");
+  }
+
   regionSize(index: number): bigint {
     return this.pci.regionSize(index);
+  }
+
+  /** The doorbells the device declares in region `index` (a BAR); none elsewhere. */
+  doorbells(index: number): readonly Doorbell[] {
+    if (index < RegionIndex.BAR0 || index > RegionIndex.BAR5) return [];
+    return this.device.bars.find((b) => b.index === index)?.doorbells ?? [];
   }
 
   /** Checks that [offset, offset + count) lies in the region, in bigint so nothing wraps. */
@@ -162,6 +184,8 @@ export class Endpoint {
    * - STOP after a completed migration (the stream read to its END, or a
    *   stream loaded): back to RUNNING, state kept. QEMU leaves a migrated
    *   source just so, with DMA logging still on: an ordinary end.
+   * - STOP with no migration under way (RUNNING -> STOP: QEMU stops its
+   *   devices when the guest powers off): back to RUNNING, state kept.
    * - any other state (PRE_COPY, STOP_COPY, a STOP that ended nothing, the
    *   P2P states): the migration dies with its client; back to RUNNING,
    *   device state kept.
@@ -173,6 +197,7 @@ export class Endpoint {
     this.stopDirtyLog();
     this.dmaTable.removeAll();
     this.irq.releaseAll();
+    this.ioEventFds.releaseAll();
     const mig = this.migration.state;
     const state = migStateName(mig);
     if (mig === MigState.RUNNING) {
@@ -186,6 +211,11 @@ export class Endpoint {
     } else if (mig === MigState.STOP && this.migration.completed !== null) {
       const what = this.migration.completed === "saved" ? "stream read to its end" : "stream loaded";
       this.log.info({ state, logging }, `client left after a completed migration (${what}); back to RUNNING`);
+      this.migration.reset();
+      this.setRunning(true);
+    } else if (!this.migration.migrating) {
+      // a stopped VM, no migration (QEMU stops its devices when the guest powers off)
+      this.log.info({ state }, "client left with the device stopped; back to RUNNING");
       this.migration.reset();
       this.setRunning(true);
     } else {

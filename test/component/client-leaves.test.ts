@@ -119,9 +119,21 @@ describe("a client leaving", () => {
     expect(await d.readU32(RegionIndex.BAR2, 0x100)).toBe(0xabcd);
   });
 
-  it("in STOP that ended no migration (RUNNING -> STOP): mid-migration, back to RUNNING", async () => {
+  it("in STOP with no migration under way (RUNNING -> STOP, QEMU's way of stopping a powered-off VM): an ordinary end, back to RUNNING", async () => {
     const s = serve(new EduDevice(), "src");
     const c = await connect(s);
+    await c.setMigState(MigState.STOP);
+    const mark = s.log.length;
+    await leave(s, c);
+    expect(messages(s, mark)).toContain("client left with the device stopped; back to RUNNING");
+    expect(messages(s, mark, 40)).toEqual([]);
+    expect(s.server.endpoint.migrationState).toBe(MigState.RUNNING);
+  });
+
+  it("in STOP after a stop-copy cut short (STOP_COPY -> STOP with the stream unread): mid-migration, back to RUNNING", async () => {
+    const s = serve(new BigmemDevice({ size: "1M" }), "src");
+    const c = await connect(s);
+    await c.setMigState(MigState.STOP_COPY);
     await c.setMigState(MigState.STOP);
     const mark = s.log.length;
     await leave(s, c);

@@ -1,10 +1,15 @@
 /** DEVICE_GET_INFO, GET_REGION_INFO, GET_REGION_IO_FDS, GET_IRQ_INFO: describing the device. */
-import { DeviceInfoFlags, IrqIndex, IrqInfoFlags, RegionIndex, RegionInfoFlags } from "../../../protocol/constants.ts";
+import { DeviceInfoFlags, IoFdType, IoeventfdFlags, IrqIndex, IrqInfoFlags, RegionIndex, RegionInfoFlags } from "../../../protocol/constants.ts";
 import { fail } from "../../../protocol/errors.ts";
 import { decodeDeviceGetInfoRequest, encodeDeviceGetInfoReply } from "../../../protocol/messages/device-get-info.ts";
 import { decodeDeviceGetIrqInfoRequest, encodeDeviceGetIrqInfoReply } from "../../../protocol/messages/device-get-irq-info.ts";
 import { decodeDeviceGetRegionInfoRequest, encodeDeviceGetRegionInfoReply } from "../../../protocol/messages/device-get-region-info.ts";
-import { decodeDeviceGetRegionIoFdsRequest, encodeDeviceGetRegionIoFdsReply } from "../../../protocol/messages/device-get-region-io-fds.ts";
+import {
+  decodeDeviceGetRegionIoFdsRequest,
+  encodeDeviceGetRegionIoFdsReply,
+  regionIoFdsArgsz,
+  type SubRegionIoFd,
+} from "../../../protocol/messages/device-get-region-io-fds.ts";
 import { reply, type Reply, type Request } from "../dispatcher.ts";
 
 export function handleDeviceGetInfo(req: Request): Reply {
@@ -34,8 +39,27 @@ export function handleDeviceGetRegionInfo(req: Request): Reply {
 export function handleDeviceGetRegionIoFds(req: Request): Reply {
   const r = decodeDeviceGetRegionIoFdsRequest(req.body);
   checkRegionIndex(r.index);
-  // No ioeventfd sub-regions are offered: every access comes as a message.
-  return reply(encodeDeviceGetRegionIoFdsReply({ argsz: 16, flags: 0, index: r.index, count: 0, sub_regions: [] }));
+  // the device's doorbells in this region, each as an ioeventfd of its own
+  const bells = req.endpoint.doorbells(r.index);
+  const argsz = regionIoFdsArgsz(bells.length);
+  const fixed = { argsz, flags: 0, index: r.index, count: bells.length };
+  // spec: argsz "indicates the full reply payload size needed"; a client
+  // that left too little room gets the count alone, and no fds
+  if (bells.length === 0 || r.argsz < argsz) return reply(encodeDeviceGetRegionIoFdsReply({ ...fixed, sub_regions: [] }));
+  if (bells.length > req.session.clientMaxMsgFds) {
+    throw fail.toobig(`region ${r.index} has ${bells.length} doorbells; the client takes at most ${req.session.clientMaxMsgFds} fds`);
+  }
+  const fds = req.endpoint.ioEventFds.fdsFor(r.index, bells);
+  const sub_regions: SubRegionIoFd[] = bells.map((b, i) => ({
+    type: IoFdType.IOEVENTFD,
+    offset: BigInt(b.offset),
+    size: BigInt(b.size),
+    fd_index: i,
+    flags: b.datamatch !== undefined ? IoeventfdFlags.DATAMATCH : 0,
+    datamatch: b.datamatch ?? 0n,
+  }));
+  req.log.debug({ region: r.index, count: bells.length }, "doorbells served as ioeventfds");
+  return { parts: [encodeDeviceGetRegionIoFdsReply({ ...fixed, sub_regions })], fds };
 }
 
 export function handleDeviceGetIrqInfo(req: Request): Reply {

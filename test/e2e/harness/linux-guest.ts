@@ -48,16 +48,31 @@ export function guestKitDir(build: QemuBuild = "debian"): string {
   return qemuMode() === "chroot" ? join(qemuRootPath(), "opt/guest-kit") : NATIVE_KIT;
 }
 
-/** The kit if guest-kit.sh has completed it (in the root of the given QEMU build). */
+/**
+ * The stamp line of the kit's current contents, as guest-kit.sh writes it
+ * (its KIT_FORMAT): a kit built before the contents changed (e.g. without
+ * virtio_blk.ko) lacks it and counts as not built.
+ */
+export function guestKitFormat(): string {
+  const m = /^KIT_FORMAT="([^"]*)"$/m.exec(readFileSync(GUEST_KIT_SCRIPT, "utf8"));
+  if (!m) throw new Error(`${GUEST_KIT_SCRIPT} has no KIT_FORMAT line`);
+  return m[1]!;
+}
+
+/** The kit if guest-kit.sh has completed it in the current format (in the root of the given QEMU build). */
 export function guestKit(build: QemuBuild = "debian"): GuestKitStatus {
   const dir = guestKitDir(build);
   const stamp = join(dir, KIT_STAMP);
   if (!existsSync(stamp)) return { ok: false, why: `guest kit ${dir} is not built (no ${KIT_STAMP}); run as root: docker/guest-kit.sh setup` };
+  const format = guestKitFormat();
+  if (!readFileSync(stamp, "utf8").split("\n").includes(format)) {
+    return { ok: false, why: `guest kit ${dir} was built before "${format}"; run as root: docker/guest-kit.sh setup (it rebuilds the kit)` };
+  }
   const kit: GuestKit = {
     dir,
     vmlinuz: join(dir, "vmlinuz"),
     initramfsBase: join(dir, "initramfs-base.cpio.gz"),
-    version: readFileSync(stamp, "utf8").trim(),
+    version: readFileSync(stamp, "utf8").split("\n").filter((l) => l !== "" && l !== format).join("; "),
   };
   for (const f of [kit.vmlinuz, kit.initramfsBase]) if (!existsSync(f)) return { ok: false, why: `guest kit ${dir} has a stamp but no ${f}` };
   return { ok: true, kit };
@@ -68,13 +83,20 @@ export function guestKit(build: QemuBuild = "debian"): GuestKitStatus {
  * deb.debian.org needed). The script gets the harness's mode and root so
  * both agree on where the kit goes.
  */
-export async function ensureGuestKit(timeoutMs = 300_000): Promise<GuestKitStatus> {
-  const have = guestKit();
+export async function ensureGuestKit(timeoutMs = 300_000, build: QemuBuild = "debian"): Promise<GuestKitStatus> {
+  const have = guestKit(build);
   if (have.ok) return have;
   const uid = typeof process.getuid === "function" ? process.getuid() : -1;
   if (uid !== 0) return { ok: false, why: `${have.why} (building it needs root; uid is ${uid})` };
-  const env: NodeJS.ProcessEnv = { ...process.env, VFIO_USER_QEMU: qemuMode(), VFIO_USER_GUEST_KIT: guestKitDir() };
-  if (qemuMode() === "chroot") env.VFIO_USER_QEMU_ROOT = qemuRootPath();
+  let env: NodeJS.ProcessEnv;
+  if (build !== "debian") {
+    // the migrating QEMU's root: the kit goes where docker/qemu-mig.sh puts it
+    if (!existsSync(qemuMigRootPath())) return { ok: false, why: `${have.why} (and the migrating QEMU's root ${qemuMigRootPath()} is missing)` };
+    env = { ...process.env, VFIO_USER_QEMU: "chroot", VFIO_USER_QEMU_ROOT: qemuMigRootPath(), VFIO_USER_GUEST_KIT: "" };
+  } else {
+    env = { ...process.env, VFIO_USER_QEMU: qemuMode(), VFIO_USER_GUEST_KIT: guestKitDir() };
+    if (qemuMode() === "chroot") env.VFIO_USER_QEMU_ROOT = qemuRootPath();
+  }
   const t0 = performance.now();
   const built = await new Promise<{ ok: boolean; out: string }>((resolve) => {
     execFile("sh", [GUEST_KIT_SCRIPT, "setup"], { env, timeout: timeoutMs, maxBuffer: 4 << 20 }, (err, stdout, stderr) => {
@@ -83,7 +105,7 @@ export async function ensureGuestKit(timeoutMs = 300_000): Promise<GuestKitStatu
   });
   const builtMs = performance.now() - t0;
   if (!built.ok) return { ok: false, why: `docker/guest-kit.sh setup failed after ${Math.round(builtMs)} ms: ${built.out.slice(-2000)}` };
-  const now = guestKit();
+  const now = guestKit(build);
   return now.ok ? { ...now, builtMs } : now;
 }
 

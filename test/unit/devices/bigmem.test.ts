@@ -66,6 +66,10 @@ function fakeContext(mode: InterruptMode = "msi") {
         const at = where(address, data.length);
         guest.set(data, at);
       },
+      // bigmem moves one range at a time: the scatter-gather calls are not used
+      readv: () => Promise.reject(new Error("readv not expected")),
+      writev: () => Promise.reject(new Error("writev not expected")),
+      map: () => null,
     },
     config: { read: (_o: number, n: number) => Buffer.alloc(n), busMaster: true, memoryEnabled: true },
     log: pino({ level: "silent" }),

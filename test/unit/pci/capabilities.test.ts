@@ -276,3 +276,107 @@ describe("PCI Express capability", () => {
     expect(r16(c, at + PciExp.LNKCTL)).toBe(PciExp.LNKCTL_RCB | PciExp.LNKCTL_CCC | PciExp.LNKCTL_ES);
   });
 });
+
+describe("vendor-specific capabilities", () => {
+  /** A 16-byte capability: ID, next, length, type, then three dwords. */
+  const vendorBytes = (type: number) => Uint8Array.from([PciCapId.VNDR, 0xee, 16, type, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+
+  it("are placed after the standard ones, dword aligned, with the framework's next pointers", () => {
+    const c = make({
+      bars: MSIX_BARS,
+      capabilities: { msix: MSIX, vendor: [{ bytes: vendorBytes(1) }, { bytes: Uint8Array.from([PciCapId.VNDR, 0, 5, 7, 9]) }, { bytes: vendorBytes(3) }] },
+    });
+    const list = walk(c);
+    expect(list).toEqual([
+      { id: PciCapId.MSIX, offset: 0x40 },
+      { id: PciCapId.VNDR, offset: 0x4c },
+      { id: PciCapId.VNDR, offset: 0x5c },
+      { id: PciCapId.VNDR, offset: 0x64 },
+    ]);
+    // the device's bytes, except byte 1 (0xee in the definition)
+    expect([...c.read(0x4c, 16)]).toEqual([PciCapId.VNDR, 0x5c, ...vendorBytes(1).subarray(2)]);
+    // a 5-byte body is padded to 8 with zeros
+    expect([...c.read(0x5c, 8)]).toEqual([PciCapId.VNDR, 0x64, 5, 7, 9, 0, 0, 0]);
+    expect(r8(c, 0x65)).toBe(0);
+  });
+
+  it("are read-only unless the device gives writable bits; ID and next pointer never are", () => {
+    const writable = new Uint8Array(16);
+    writable.fill(0xff, 4, 8);
+    writable[0] = 0xff;
+    writable[1] = 0xff;
+    const c = make({ capabilities: { vendor: [{ bytes: vendorBytes(1) }, { bytes: vendorBytes(2), writable }] } });
+    const [a, b] = walk(c);
+    w32(c, a!.offset + 4, 0xffffffff);
+    expect(r32(c, a!.offset + 4)).toBe(0x04030201);
+    w32(c, b!.offset + 4, 0xdeadbeef);
+    w32(c, b!.offset + 8, 0xdeadbeef);
+    w16(c, b!.offset, 0xffff);
+    expect(r32(c, b!.offset + 4)).toBe(0xdeadbeef);
+    expect(r32(c, b!.offset + 8)).toBe(0x08070605);
+    expect(r8(c, b!.offset)).toBe(PciCapId.VNDR);
+    expect(r8(c, b!.offset + 1)).toBe(0);
+    // written bits migrate: a snapshot with them restores, one changing read-only bits does not
+    const snap = c.snapshot();
+    const other = make({ capabilities: { vendor: [{ bytes: vendorBytes(1) }, { bytes: vendorBytes(2), writable }] } });
+    other.restore(snap);
+    expect(r32(other, b!.offset + 4)).toBe(0xdeadbeef);
+    snap[b!.offset + 8] ^= 1;
+    expect(() => other.restore(snap)).toThrow(/read-only bits/);
+    // reset: back to the definition
+    c.reset();
+    expect(r32(c, b!.offset + 4)).toBe(0x04030201);
+  });
+
+  it("call the device's read hook for live contents and its write hook after a write", () => {
+    const writes: [number, number, number][] = [];
+    const writable = new Uint8Array(16).fill(0xff, 12, 16);
+    let live = 0x11223344;
+    const c = make({
+      capabilities: {
+        pm: true,
+        vendor: [
+          {
+            bytes: vendorBytes(5),
+            writable,
+            read(offset, data) {
+              // bytes 8..11 of the capability read a live value
+              for (let i = 0; i < data.length; i++) {
+                const o = offset + i;
+                if (o >= 8 && o < 12) data[i] = (live >>> (8 * (o - 8))) & 0xff;
+              }
+            },
+            write(offset, length, cap) {
+              writes.push([offset, length, cap.readUInt32LE(12)]);
+            },
+          },
+        ],
+      },
+    });
+    const at = walk(c)[1]!.offset;
+    expect(r32(c, at + 8)).toBe(0x11223344);
+    live = 0x55667788;
+    expect(r16(c, at + 10)).toBe(0x5566);
+    // a whole-config read sees it too, and the bytes around it are the stored ones
+    const all = c.read(0, 256);
+    expect(all.readUInt32LE(at + 8)).toBe(0x55667788);
+    expect(all.readUInt32LE(at + 4)).toBe(0x04030201);
+    w32(c, at + 12, 0xcafef00d);
+    w16(c, at + 2, 0); // read-only bytes: still a write into the capability
+    w16(c, 0x04, 0); // elsewhere: no hook
+    expect(writes).toEqual([
+      [12, 4, 0xcafef00d],
+      [2, 2, 0xcafef00d],
+    ]);
+  });
+
+  it("refuse malformed definitions", () => {
+    expect(() => make({ capabilities: { vendor: [{ bytes: Uint8Array.from([PciCapId.VNDR, 0]) }] } })).toThrow(RangeError);
+    expect(() => make({ capabilities: { vendor: [{ bytes: Uint8Array.from([PciCapId.MSI, 0, 4, 0]) }] } })).toThrow(/ID 0x5/);
+    expect(() => make({ capabilities: { vendor: [{ bytes: vendorBytes(1), writable: new Uint8Array(4) }] } })).toThrow(/writable mask/);
+    expect(() => make({ capabilities: { vendor: [{ bytes: new Uint8Array(200).fill(PciCapId.VNDR, 0, 1) }] } })).toThrow(RangeError);
+    // together they must fit below 0x100
+    const big = { bytes: new Uint8Array(100).fill(PciCapId.VNDR, 0, 1) };
+    expect(() => make({ capabilities: { vendor: [big, big] } })).toThrow(/do not fit/);
+  });
+});
