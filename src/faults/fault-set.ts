@@ -116,6 +116,7 @@ export class FaultSet {
    */
   command<R>(header: Header, body: Buffer): CommandStep<R> | null {
     this.messages++;
+    if (this.commands.length === 0) return null;
     let step: CommandStep<R> | null = null;
     // faults compose in the order given: the first one's step runs first, and runs the next
     const chain = (s: CommandStep<R>) => {
