@@ -12,6 +12,7 @@ import { VfioUserServer } from "../server/server.ts";
 import { DEMO_MIGRATE_USAGE, demoMigrateMain } from "./demo-migrate.ts";
 import { snapshotMain } from "./snapshot.ts";
 import { checkCommand } from "./check.ts";
+import { BENCH_OPTIONS, BENCH_USAGE, benchFromArgs } from "./serve-bench.ts";
 
 const USAGE = `Usage: vfio-user-ts <command> [options]
 
@@ -37,6 +38,7 @@ Options:
   --log-format FORMAT  pretty|json (default: pretty on a terminal, else json)
   --trace              log every message received and sent
   --p2p                offer the P2P migration states (RUNNING_P2P, PRE_COPY_P2P)
+${BENCH_USAGE}
   -h, --help           this text`;
 
 export class UsageError extends Error {}
@@ -76,6 +78,7 @@ async function serve(argv: string[]): Promise<number> {
       "log-format": { type: "string" },
       trace: { type: "boolean", default: false },
       p2p: { type: "boolean", default: false },
+      ...BENCH_OPTIONS,
       help: { type: "boolean", short: "h", default: false },
     },
     strict: true,
@@ -92,6 +95,7 @@ async function serve(argv: string[]): Promise<number> {
   if (format !== undefined && format !== "pretty" && format !== "json") throw new UsageError("--log-format must be pretty or json");
   const mode = Number.parseInt(values["socket-mode"]!, 8);
   if (!/^0?[0-7]{3}$/.test(values["socket-mode"]!) || Number.isNaN(mode)) throw new UsageError(`--socket-mode must be octal like 0600, got '${values["socket-mode"]}'`);
+  const bench = benchFromArgs(values, (m) => new UsageError(m));
   const factory = findDevice(values.device!);
   if (!factory) throw new UsageError(`unknown device '${values.device}'; known: ${DEVICES.map((d) => d.name).join(", ")}`);
   const dir = path.dirname(path.resolve(values.socket));
@@ -104,7 +108,8 @@ async function serve(argv: string[]): Promise<number> {
     throw new UsageError(`device '${factory.name}': ${(err as Error).message}`);
   }
   const log = createLogger({ level, pretty: format === undefined ? undefined : format === "pretty" });
-  const server = new VfioUserServer({ device, log, trace: values.trace, migration: { p2p: values.p2p } });
+  const server = new VfioUserServer({ device, log, trace: values.trace, migration: { p2p: values.p2p }, ...bench.serverOptions });
+  bench.attach(server);
   try {
     server.listen(values.socket, mode);
   } catch (err) {
@@ -117,7 +122,7 @@ async function serve(argv: string[]): Promise<number> {
   await new Promise<void>((resolve) => {
     const stop = (signal: string) => {
       log.info({ signal }, "shutting down");
-      void server.close().then(resolve);
+      void server.close().then(() => bench.stopped()).then(resolve);
     };
     process.once("SIGINT", () => stop("SIGINT"));
     process.once("SIGTERM", () => stop("SIGTERM"));
