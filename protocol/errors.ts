@@ -9,6 +9,8 @@ import { Errno } from "./constants.ts";
 export class VfioUserError extends Error {
   readonly errno: number;
   readonly code: string;
+  /** Which rule the refused message broke and where, when the thrower knows (see WireFact). */
+  fact: WireFact | undefined;
 
   constructor(errno: number, message: string) {
     super(message);
@@ -16,6 +18,25 @@ export class VfioUserError extends Error {
     this.errno = errno;
     this.code = errnoName(errno);
   }
+
+  /** Attaches (or replaces) the fact of this refusal; returns the error, for `throw fail.inval(...).with(...)`. */
+  with(fact: WireFact): this {
+    this.fact = fact;
+    return this;
+  }
+}
+
+/**
+ * What a refusal knows about the message it refused: a stable rule id (the
+ * conformance report's deviation id, e.g. "argsz-too-small") and the byte
+ * offset of the offending field from the start of the message body (after
+ * the 16-byte header, as the spec numbers fields). Codecs attach facts and
+ * stay pure; the server decides what to do with them.
+ */
+export interface WireFact {
+  readonly rule: string;
+  /** Offset of the bad field in the body; absent when no single field is at fault. */
+  readonly offset?: number;
 }
 
 export function errnoName(errno: number): string {

@@ -187,6 +187,11 @@ export class FrameDecoder {
     return this.#partial !== null ? this.#partial.have : this.#headerHave;
   }
 
+  /** The header of the frame being assembled, once its 16 bytes arrived (diagnostics: a frame left incomplete). */
+  get pendingHeader(): Header | undefined {
+    return this.#partial?.header;
+  }
+
   /** Closes the decoder and hands back the fds it still holds (the caller must close them). */
   close(): number[] {
     this.#closed = true;

@@ -29,28 +29,32 @@ export function allocBody(size: number): { buf: Buffer; view: DataView } {
   return { buf, view: viewOf(buf) };
 }
 
-/** Throws EINVAL unless the body holds at least `min` bytes. */
+/** Throws EINVAL unless the body holds at least `min` bytes (fact "body-size", at the body's end). */
 export function needAtLeast(body: Uint8Array, min: number, what: string): void {
   if (body.length < min) {
-    throw fail.inval(`${what}: body is ${body.length} bytes, need at least ${min}`);
+    throw fail.inval(`${what}: body is ${body.length} bytes, need at least ${min}`).with({ rule: "body-size", offset: body.length });
   }
 }
 
-/** Throws EINVAL unless the body is exactly `size` bytes. */
+/** Throws EINVAL unless the body is exactly `size` bytes (fact "body-size", where the two lengths part). */
 export function needExactly(body: Uint8Array, size: number, what: string): void {
   if (body.length !== size) {
-    throw fail.inval(`${what}: body is ${body.length} bytes, expected ${size}`);
+    throw fail.inval(`${what}: body is ${body.length} bytes, expected ${size}`).with({ rule: "body-size", offset: Math.min(body.length, size) });
   }
 }
 
-/** Throws EINVAL when a request's argsz cannot hold the fixed reply part (spec: "Message sizes"). */
-export function needArgsz(argsz: number, min: number, what: string): void {
-  if (argsz < min) throw fail.inval(`${what}: argsz ${argsz} is smaller than ${min}`);
+/**
+ * Throws EINVAL when a request's argsz cannot hold the fixed reply part
+ * (spec: "Message sizes"); fact "argsz-too-small" at `offset` (argsz is the
+ * first field of every struct that has one).
+ */
+export function needArgsz(argsz: number, min: number, what: string, offset = 0): void {
+  if (argsz < min) throw fail.inval(`${what}: argsz ${argsz} is smaller than ${min}`).with({ rule: "argsz-too-small", offset });
 }
 
-/** Throws EINVAL when a field the spec says must be zero is not. */
-export function needZero(value: number | bigint, field: string, what: string): void {
-  if (value !== 0 && value !== 0n) throw fail.inval(`${what}: ${field} must be zero, got ${value}`);
+/** Throws EINVAL when a field the spec says must be zero is not (fact "must-be-zero" at `offset`). */
+export function needZero(value: number | bigint, field: string, what: string, offset?: number): void {
+  if (value !== 0 && value !== 0n) throw fail.inval(`${what}: ${field} must be zero, got ${value}`).with({ rule: "must-be-zero", offset });
 }
 
 function checkInt(value: number, max: number, field: string): void {

@@ -48,6 +48,11 @@ export { readState, StateReader, stateDifference, statesEqual, normalizeState, p
 export { VfioUserServer, type ServerOptions } from "./server/server.ts";
 export { createLogger, silentLogger, type LogOptions } from "./log.ts";
 
+// The test bench for VMM developers: the client conformance report (ServerOptions.conformance)
+// and faults on demand (ServerOptions.faults; the language is docs/faults.md).
+export { ConformanceRecorder, DEVIATIONS, formatClientReport, formatConformanceReport, type ClientReport, type ConformanceOptions, type ConformanceReport, type DeviationRecord } from "./conformance/index.ts";
+export { FaultSyntaxError, parseFault, type Fault } from "./faults/index.ts";
+
 // The compliance suite every device must pass (what `vfio-user-ts check` runs).
 export {
   runCompliance,

@@ -9,9 +9,11 @@ export VFIO_USER_REQUIRE_QEMU=${VFIO_USER_REQUIRE_QEMU:-1}
 if [ "$(id -u)" = 0 ]; then
   bash docker/qemu-root.sh setup || { echo "QEMU root setup failed"; exit 1; }
   sh docker/guest-kit.sh setup || echo "guest kit setup failed: test/e2e/linux-guest.test.ts will fail"
-  # The migrating QEMU client (docker/qemu-mig.sh, ~6 min the first time, cached): required
-  # where its build scripts exist (../shared/qemu-mig); elsewhere its tier says why it skips.
-  sh docker/qemu-mig.sh setup fixed
+  # The migrating QEMU client (docker/qemu-mig.sh, ~6 min per build the first time, cached):
+  # required where its build scripts exist (../shared/qemu-mig); elsewhere its tier says why
+  # it skips. Both builds: the fixed one for the tier, the prototype as found for the
+  # conformance report (test/e2e/qemu-mig-conformance.test.ts).
+  sh docker/qemu-mig.sh setup all
   case $? in
     0) export VFIO_USER_REQUIRE_QEMU_MIG=${VFIO_USER_REQUIRE_QEMU_MIG:-1} ;;
     3) echo "the migrating QEMU cannot be built here: its tier (test/e2e/qemu-mig-*.test.ts) is skipped" ;;

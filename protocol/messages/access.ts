@@ -25,7 +25,7 @@ export function decodeRegionAccessWithData(body: Uint8Array, what: string): { of
   const view = viewOf(body);
   const count = view.getUint32(12, true);
   if (body.length - MessageSize.REGION_ACCESS_FIXED !== count) {
-    throw fail.inval(`${what}: count ${count} but ${body.length - MessageSize.REGION_ACCESS_FIXED} data bytes`);
+    throw fail.inval(`${what}: count ${count} but ${body.length - MessageSize.REGION_ACCESS_FIXED} data bytes`).with({ rule: "count-mismatch", offset: 12 });
   }
   return {
     offset: readU64(view, 0),
@@ -48,7 +48,7 @@ export function decodeDmaAccessWithData(body: Uint8Array, what: string): { addre
   const view = viewOf(body);
   const count = readU64(view, 8);
   if (count !== BigInt(body.length - MessageSize.DMA_ACCESS_FIXED)) {
-    throw fail.inval(`${what}: count ${count} but ${body.length - MessageSize.DMA_ACCESS_FIXED} data bytes`);
+    throw fail.inval(`${what}: count ${count} but ${body.length - MessageSize.DMA_ACCESS_FIXED} data bytes`).with({ rule: "count-mismatch", offset: 8 });
   }
   return { address: readU64(view, 0), count, data: asBuffer(body).subarray(MessageSize.DMA_ACCESS_FIXED) };
 }

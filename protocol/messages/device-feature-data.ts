@@ -132,7 +132,7 @@ export function decodeDmaLoggingControl(data: Uint8Array): DmaLoggingControl {
   const view = viewOf(data);
   const num = view.getUint32(8, true);
   // vfio.h names it __reserved; a non-zero value is a client bug or a future extension we do not know
-  if (view.getUint32(12, true) !== 0) throw fail.inval(`${what}: reserved must be zero`);
+  if (view.getUint32(12, true) !== 0) throw fail.inval(`${what}: reserved must be zero`).with({ rule: "must-be-zero", offset: 12 });
   // spec: "ranges | 16 | variable", an array of num_ranges {iova, length}
   if (data.length !== MessageSize.DMA_LOGGING_CONTROL_FIXED + num * MessageSize.DMA_LOGGING_RANGE) {
     throw fail.inval(`${what}: ${data.length} bytes do not hold ${num} ranges`);
@@ -144,7 +144,52 @@ export function decodeDmaLoggingControl(data: Uint8Array): DmaLoggingControl {
   return { page_size: readU64(view, 0), ranges };
 }
 
+/**
+ * vfio.h's struct vfio_device_feature_dma_logging_control: page_size u64,
+ * num_ranges u32, __reserved u32, then `ranges` as a u64 user pointer to the
+ * array, 24 bytes. A client that forwards the ioctl's struct over the socket
+ * sends this instead of the ranges inline.
+ */
+export const KERNEL_DMA_LOGGING_CONTROL_SIZE = 24;
+
+/**
+ * The layout of START/STOP data: "spec" when its length is 16 + 16 x
+ * num_ranges, "kernel" when it is the ioctl's 24-byte struct with ranges
+ * behind a pointer at offset 16 (num_ranges > 0, so the length cannot be the
+ * spec's), "other" for anything else. Judges nothing; decodeDmaLoggingControl does.
+ */
+export function dmaLoggingControlLayout(data: Uint8Array): "spec" | "kernel" | "other" {
+  if (data.length < MessageSize.DMA_LOGGING_CONTROL_FIXED) return "other";
+  const num = viewOf(data).getUint32(8, true);
+  if (data.length === MessageSize.DMA_LOGGING_CONTROL_FIXED + num * MessageSize.DMA_LOGGING_RANGE) return "spec";
+  if (data.length === KERNEL_DMA_LOGGING_CONTROL_SIZE && num > 0) return "kernel";
+  return "other";
+}
+
 // --- DMA_LOGGING_REPORT ---
+
+/**
+ * vfio.h's struct vfio_device_feature_dma_logging_report: iova, length,
+ * page_size, then `bitmap` as a u64 user pointer, 32 bytes.
+ */
+export const KERNEL_DMA_LOGGING_REPORT_SIZE = 32;
+
+/**
+ * The layout of REPORT request data: "spec" (24 bytes), "kernel" (the ioctl's
+ * 32-byte struct, bitmap pointer at offset 24, optionally followed by a
+ * bitmap-sized buffer of its own, as QEMU's migration prototype sends it),
+ * or "other". Judges nothing; decodeDmaLoggingReportRequest does.
+ */
+export function dmaLoggingReportLayout(data: Uint8Array): "spec" | "kernel" | "other" {
+  if (data.length === MessageSize.DMA_LOGGING_REPORT_FIXED) return "spec";
+  if (data.length < KERNEL_DMA_LOGGING_REPORT_SIZE) return "other";
+  if (data.length === KERNEL_DMA_LOGGING_REPORT_SIZE) return "kernel";
+  const view = viewOf(data);
+  const length = readU64(view, 8);
+  const page = readU64(view, 16);
+  if (!isPowerOfTwo(page)) return "other";
+  return BigInt(data.length - KERNEL_DMA_LOGGING_REPORT_SIZE) === dmaLoggingBitmapSize(length, page) ? "kernel" : "other";
+}
 
 function isPowerOfTwo(v: bigint): boolean {
   return v > 0n && (v & (v - 1n)) === 0n;

@@ -70,7 +70,7 @@ export function decodeDeviceFeatureRequest(body: Uint8Array): DeviceFeatureReque
   const what = "DEVICE_FEATURE";
   const msg = decode(body, what);
   needArgsz(msg.argsz, MessageSize.DEVICE_FEATURE_FIXED, what);
-  if ((msg.flags & ~KNOWN_FLAGS) !== 0) throw fail.inval(`${what}: undefined flags 0x${msg.flags.toString(16)}`);
+  if ((msg.flags & ~KNOWN_FLAGS) !== 0) throw fail.inval(`${what}: undefined flags 0x${msg.flags.toString(16)}`).with({ rule: "undefined-flags", offset: 4 });
   // spec: "VFIO_DEVICE_FEATURE_GET and VFIO_DEVICE_FEATURE_SET are mutually exclusive, except for use with PROBE"
   const getSet = FeatureFlags.GET | FeatureFlags.SET;
   if ((msg.flags & getSet) === getSet && (msg.flags & FeatureFlags.PROBE) === 0) {

@@ -42,9 +42,9 @@ export function decodeDeviceGetInfoRequest(body: Uint8Array): DeviceGetInfoReque
   // spec: "argsz is the maximum size of the reply payload" (16 bytes today)
   needArgsz(argsz, MessageSize.DEVICE_INFO, "DEVICE_GET_INFO");
   // spec: "all other fields must be zero."
-  needZero(view.getUint32(4, true), "flags", "DEVICE_GET_INFO");
-  needZero(view.getUint32(8, true), "num_regions", "DEVICE_GET_INFO");
-  needZero(view.getUint32(12, true), "num_irqs", "DEVICE_GET_INFO");
+  needZero(view.getUint32(4, true), "flags", "DEVICE_GET_INFO", 4);
+  needZero(view.getUint32(8, true), "num_regions", "DEVICE_GET_INFO", 8);
+  needZero(view.getUint32(12, true), "num_irqs", "DEVICE_GET_INFO", 12);
   return { argsz };
 }
 

@@ -45,8 +45,8 @@ export function decodeDeviceGetIrqInfoRequest(body: Uint8Array): DeviceGetIrqInf
   // spec: "argsz is the maximum size of the reply payload (16 bytes today)"
   needArgsz(argsz, MessageSize.IRQ_INFO, "DEVICE_GET_IRQ_INFO");
   // spec: "all other fields must be zero"
-  needZero(view.getUint32(4, true), "flags", "DEVICE_GET_IRQ_INFO");
-  needZero(view.getUint32(12, true), "count", "DEVICE_GET_IRQ_INFO");
+  needZero(view.getUint32(4, true), "flags", "DEVICE_GET_IRQ_INFO", 4);
+  needZero(view.getUint32(12, true), "count", "DEVICE_GET_IRQ_INFO", 12);
   return { argsz, index: view.getUint32(8, true) };
 }
 

@@ -116,10 +116,10 @@ export function decodeDeviceGetRegionInfoRequest(body: Uint8Array): DeviceGetReg
   // spec: "argsz the maximum size of the reply payload", at least the fixed reply part
   needArgsz(argsz, MessageSize.REGION_INFO, what);
   // spec: "index ... is the only field that is required to be set"; "all other fields must be zero."
-  needZero(view.getUint32(4, true), "flags", what);
-  needZero(view.getUint32(12, true), "cap_offset", what);
-  needZero(readU64(view, 16), "size", what);
-  needZero(readU64(view, 24), "offset", what);
+  needZero(view.getUint32(4, true), "flags", what, 4);
+  needZero(view.getUint32(12, true), "cap_offset", what, 12);
+  needZero(readU64(view, 16), "size", what, 16);
+  needZero(readU64(view, 24), "offset", what, 24);
   return { argsz, index: view.getUint32(8, true) };
 }
 

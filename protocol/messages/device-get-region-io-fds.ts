@@ -85,8 +85,8 @@ export function decodeDeviceGetRegionIoFdsRequest(body: Uint8Array): DeviceGetRe
   const argsz = view.getUint32(0, true);
   needArgsz(argsz, MessageSize.REGION_IO_FDS_FIXED, what);
   // spec: "The client must set flags to zero"; "all other fields must be zero"
-  needZero(view.getUint32(4, true), "flags", what);
-  needZero(view.getUint32(12, true), "count", what);
+  needZero(view.getUint32(4, true), "flags", what, 4);
+  needZero(view.getUint32(12, true), "count", what, 12);
   return { argsz, index: view.getUint32(8, true) };
 }
 

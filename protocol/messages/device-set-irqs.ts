@@ -81,7 +81,7 @@ export function decodeDeviceSetIrqsRequest(body: Uint8Array): DeviceSetIrqsReque
   if ((flags & IrqSetFlags.DATA_BOOL) !== 0) {
     // spec: DATA_BOOL "indicates the data field is an array of boolean bytes"
     if (body.length - MessageSize.IRQ_SET_FIXED !== msg.count) {
-      throw fail.inval(`${what}: ${body.length - MessageSize.IRQ_SET_FIXED} data bytes for count ${msg.count}`);
+      throw fail.inval(`${what}: ${body.length - MessageSize.IRQ_SET_FIXED} data bytes for count ${msg.count}`).with({ rule: "count-mismatch", offset: 16 });
     }
     msg.data = asBuffer(body).subarray(MessageSize.IRQ_SET_FIXED);
   } else if (body.length !== MessageSize.IRQ_SET_FIXED) {

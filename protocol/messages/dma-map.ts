@@ -56,7 +56,7 @@ export function decodeDmaMapRequest(body: Uint8Array): DmaMapRequest {
   // spec: "argsz is the size of the above structure"
   needArgsz(argsz, MessageSize.DMA_MAP, "DMA_MAP");
   const flags = view.getUint32(4, true);
-  if ((flags & ~KNOWN_FLAGS) !== 0) throw fail.inval(`DMA_MAP: unknown flags 0x${flags.toString(16)}`);
+  if ((flags & ~KNOWN_FLAGS) !== 0) throw fail.inval(`DMA_MAP: unknown flags 0x${flags.toString(16)}`).with({ rule: "undefined-flags", offset: 4 });
   return {
     argsz,
     flags,

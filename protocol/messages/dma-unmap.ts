@@ -63,7 +63,7 @@ export function decodeDmaUnmapRequest(body: Uint8Array): DmaUnmapRequest {
   needArgsz(msg.argsz, MessageSize.DMA_UNMAP, "DMA_UNMAP");
   // spec: "flags is unused in this version"; only vfio.h's ALL is tolerated (QEMU sends it)
   if ((msg.flags & ~DmaUnmapFlags.ALL) !== 0) {
-    throw fail.inval(`DMA_UNMAP: unknown flags 0x${msg.flags.toString(16)}`);
+    throw fail.inval(`DMA_UNMAP: unknown flags 0x${msg.flags.toString(16)}`).with({ rule: "undefined-flags", offset: 4 });
   }
   if ((msg.flags & DmaUnmapFlags.ALL) !== 0 && (msg.address !== 0n || msg.size !== 0n)) {
     throw fail.inval("DMA_UNMAP: FLAG_ALL needs address and size 0");

@@ -56,7 +56,7 @@ function decodeWithData(body: Uint8Array, what: string): { argsz: number; size: 
   const view = viewOf(body);
   const size = view.getUint32(4, true);
   if (body.length - MessageSize.MIG_DATA_FIXED !== size) {
-    throw fail.inval(`${what}: size ${size} but ${body.length - MessageSize.MIG_DATA_FIXED} data bytes`);
+    throw fail.inval(`${what}: size ${size} but ${body.length - MessageSize.MIG_DATA_FIXED} data bytes`).with({ rule: "count-mismatch", offset: 4 });
   }
   return { argsz: view.getUint32(0, true), size, data: asBuffer(body).subarray(MessageSize.MIG_DATA_FIXED) };
 }

@@ -58,8 +58,16 @@ export function decodeMigGetPrecopyInfoRequest(body: Uint8Array): MigGetPrecopyI
   // the whole-struct shape: a client that never set argsz means the struct itself
   if (body.length === MessageSize.PRECOPY_INFO && argsz === 0) argsz = MessageSize.PRECOPY_INFO;
   needArgsz(argsz, MessageSize.PRECOPY_INFO, what);
-  needZero(flags, "flags", what);
+  needZero(flags, "flags", what, 4);
   return { argsz, flags };
+}
+
+/**
+ * True for the 24-byte request shape with argsz 0, the one the decoder reads
+ * as 24 (the client never set argsz). A fact about what was accepted.
+ */
+export function precopyInfoArgszOmitted(body: Uint8Array): boolean {
+  return body.length === MessageSize.PRECOPY_INFO && viewOf(body).getUint32(0, true) === 0;
 }
 
 export function encodeMigGetPrecopyInfoReply(msg: MigGetPrecopyInfoReply): Buffer {

@@ -10,6 +10,7 @@ import { VfioUserServer } from "../server/server.ts";
 import { createDevice, resolveDevice } from "./device-module.ts";
 import { onInterrupt, onOutputClosed } from "./io.ts";
 import { attachLine, shellQuote } from "./qemu.ts";
+import { BENCH_OPTIONS, BENCH_USAGE, benchFromArgs } from "./serve-bench.ts";
 import { checkLevel, deviceOptionArgs, parseCommandArgs, UsageError } from "./usage.ts";
 
 export const SERVE_USAGE = `Usage: vfio-user-ts serve --socket PATH [options]
@@ -25,6 +26,7 @@ Options:
   --log-format FORMAT  pretty|json (default: pretty on a terminal, else json)
   --trace              log every message received and sent, with its fields
   --p2p                offer the P2P migration states (RUNNING_P2P, PRE_COPY_P2P)
+${BENCH_USAGE}
   -h, --help           this text
 
 Prints how to attach QEMU; 'vfio-user-ts qemu --socket PATH' starts it.`;
@@ -39,6 +41,7 @@ export async function serveMain(argv: string[]): Promise<number> {
     "log-format": { type: "string" },
     trace: { type: "boolean", default: false },
     p2p: { type: "boolean", default: false },
+    ...BENCH_OPTIONS,
     help: { type: "boolean", short: "h", default: false },
   });
   if (values.help) {
@@ -55,12 +58,14 @@ export async function serveMain(argv: string[]): Promise<number> {
   const socket = path.resolve(values.socket);
   const dir = path.dirname(socket);
   if (!existsSync(dir) || !statSync(dir).isDirectory()) throw new UsageError(`socket directory ${dir} does not exist`, "serve");
+  const bench = benchFromArgs(values, (m) => new UsageError(m, "serve"));
   const options = deviceOptionArgs(values.opt, "serve");
   const { factory } = await resolveDevice(values.device!, "serve");
 
   const device = createDevice(factory, options, "serve");
   const log = createLogger({ level, pretty: format === undefined ? undefined : format === "pretty" });
-  const server = new VfioUserServer({ device, log, trace: values.trace, migration: { p2p: values.p2p } });
+  const server = new VfioUserServer({ device, log, trace: values.trace, migration: { p2p: values.p2p }, ...bench.serverOptions });
+  bench.attach(server);
   try {
     server.listen(socket, mode);
   } catch (err) {
@@ -75,6 +80,7 @@ export async function serveMain(argv: string[]): Promise<number> {
       closing ??= (async () => {
         log.info({ ...fields, socket }, "shutting down");
         await server.close();
+        bench.stopped();
         resolve();
       })();
       return closing;

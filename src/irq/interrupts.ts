@@ -58,6 +58,8 @@ export class InterruptController implements Interrupts {
   readonly undelivered = [0, 0, 0, 0, 0];
   /** Where warnings about undeliverable interrupts go: the client's rate-limited log while one is attached. */
   logLimited: LimitedLog | null = null;
+  /** Injected faults (serve --fault irq=...): ms to hold a signal, Infinity to lose it, undefined to send it. */
+  hold: ((index: number, vector: number) => number | undefined) | null = null;
 
   constructor(
     /** Vectors per IRQ index (GET_IRQ_INFO count). */
@@ -225,8 +227,21 @@ export class InterruptController implements Interrupts {
     return false;
   }
 
-  /** One non-blocking eventfd write: 0, or the errno it failed with (-1 when no eventfd is registered). */
+  /** An interrupt under injected faults: held (written later) or lost, as the fault says; else written now. */
   private signal(index: number, vector: number): number {
+    if (this.hold !== null) {
+      const ms = this.hold(index, vector);
+      if (ms !== undefined) {
+        // the eventfd is looked up when the time comes: the client may have replaced it meanwhile
+        if (ms !== Infinity) setTimeout(() => this.write(index, vector), ms).unref();
+        return 0;
+      }
+    }
+    return this.write(index, vector);
+  }
+
+  /** One non-blocking eventfd write: 0, or the errno it failed with (-1 when no eventfd is registered). */
+  private write(index: number, vector: number): number {
     const fd = this.fds[index]![vector]!;
     if (fd < 0) return -1;
     try {

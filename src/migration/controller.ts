@@ -118,8 +118,9 @@ export class MigrationController {
   async setState(to: MigState): Promise<void> {
     const from = this.fsm.state;
     this.finished = null;
+    const faults = this.endpoint.faults;
     try {
-      await this.fsm.transition(to, (a, b) => this.hop(a, b));
+      await this.fsm.transition(to, faults === null ? (a, b) => this.hop(a, b) : (a, b) => faults.arc(a, b, () => this.hop(a, b)));
     } finally {
       const now = this.fsm.state;
       if (now === MigState.RUNNING || now === MigState.RUNNING_P2P) this.streaming = false;

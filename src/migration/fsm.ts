@@ -245,8 +245,17 @@ export function pathTo(
 }
 
 function refused(from: number, to: number): VfioUserError {
-  return fail.inval(`migration state change ${migStateName(from)} -> ${migStateName(to)} is not allowed`);
+  return fail.inval(`migration state change ${migStateName(from)} -> ${migStateName(to)} is not allowed`).with({ rule: "mig-state-arc" });
 }
+
+/**
+ * A hop handler that throws this refuses the arc without harm: the device
+ * stays in the state the hop started from, not ERROR. vfio.h allows it: on a
+ * failed SET, device_state is "the current state the device is in. This may
+ * be the original operating state or some other state along the combination
+ * transition path."
+ */
+export class ArcRefused extends VfioUserError {}
 
 // ---------------------------------------------------------------------------
 // Walker
@@ -291,7 +300,8 @@ export class MigrationFsm {
   /**
    * Move to `to`, one arc at a time, calling `onHop(from, next)` before each
    * step. A refused request throws EINVAL and leaves the state alone. A
-   * handler that throws leaves the device in ERROR and the error is rethrown
+   * handler that throws ArcRefused leaves the device where that hop began;
+   * any other throw leaves the device in ERROR and the error is rethrown
    * (spec: "the device was unable to execute the requested arc and was also
    * unable to restore the device to any valid device_state"). A table that
    * misbehaves (ERROR mid-walk, more than MAX_HOPS) is a bug: ERROR + EIO.
@@ -299,7 +309,7 @@ export class MigrationFsm {
   async transition(to: MigState, onHop: HopHandler): Promise<void> {
     if (this.#busy) throw fail.busy("a migration state change is already in progress");
     const from = this.#state;
-    if (from === E) throw fail.inval(`device is in ERROR; DEVICE_RESET is required before ${migStateName(to)}`);
+    if (from === E) throw fail.inval(`device is in ERROR; DEVICE_RESET is required before ${migStateName(to)}`).with({ rule: "mig-state-arc" });
     if (!isMigState(to) || this.#hop(from, to, this.features) === E) throw refused(from, to);
 
     this.#busy = true;
@@ -320,7 +330,7 @@ export class MigrationFsm {
         try {
           await onHop(cur, next);
         } catch (err) {
-          if (generation === this.#generation) this.#state = E;
+          if (generation === this.#generation && !(err instanceof ArcRefused)) this.#state = E;
           throw err;
         }
         if (generation !== this.#generation) {

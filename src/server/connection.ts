@@ -5,7 +5,7 @@
  * replies. A bad header closes the connection; a bad body gets an errno.
  */
 import type { Logger } from "pino";
-import { COMMAND_NAMES, Command, Errno, HEADER_SIZE, HeaderFlags } from "../../protocol/constants.ts";
+import { COMMAND_NAMES, Command, Errno, HEADER_SIZE, HeaderFlags, isKnownCommand } from "../../protocol/constants.ts";
 import { VfioUserError, errnoOf, fail } from "../../protocol/errors.ts";
 import { FrameDecoder, FrameError, maxFrameSizeFor, type Frame } from "../../protocol/frame.ts";
 import { PendingRequests } from "../../protocol/pending-requests.ts";
@@ -16,6 +16,8 @@ import {
   encodeDmaReadRequest,
 } from "../../protocol/messages/dma-read.ts";
 import { decodeDmaWriteReply, encodeDmaWriteRequestParts } from "../../protocol/messages/dma-write.ts";
+import type { ClientConformance } from "../conformance/recorder.ts";
+import { ConnectionDrop, type FaultSet } from "../faults/fault-set.ts";
 import type { SocketDma } from "../dma/dma-engine.ts";
 import type { Transport } from "../transport/types.ts";
 import type { HandlerTable, Reply, Request } from "./dispatcher.ts";
@@ -75,9 +77,15 @@ export class Connection implements SocketDma {
   private readonly replyViews: Buffer[] = [];
   private readonly sendList: Buffer[] = [this.replyBuf];
   private readonly replyView = viewOf(this.replyBuf);
+  /** The client conformance report of this connection, when the server keeps one. */
+  private readonly conformance: ClientConformance | null;
+  /** Faults injected on demand (serve --fault), or null. */
+  private readonly faults: FaultSet | null;
 
   constructor(private readonly opts: ConnectionOptions) {
     this.log = opts.log;
+    this.conformance = opts.session.conformance;
+    this.faults = opts.endpoint.faults;
     this.trace = opts.trace ?? false;
     this.pending = new PendingRequests(opts.requestTimeoutMs ?? 5000, (command) => fail.io(`${COMMAND_NAMES[command]} to the client timed out`));
     this.decoder = new FrameDecoder({
@@ -112,9 +120,11 @@ export class Connection implements SocketDma {
     }
     try {
       this.decoder.push(chunk, fds);
+      if (this.conformance !== null) this.conformance.buffered(this.decoder.bufferedBytes, this.decoder.pendingHeader);
     } catch (err) {
       // spec-level framing fault: this connection cannot be trusted to resynchronise
       const h = err instanceof FrameError ? err.header : undefined;
+      this.conformance?.badFrame(h, (err as Error).message, h !== undefined && !isKnownCommand(h.command));
       this.log.error(
         { err: (err as Error).message, msgId: h?.msgId, cmd: h ? cmdName(h.command) : undefined, size: h?.size },
         "bad frame; closing the connection",
@@ -145,7 +155,8 @@ export class Connection implements SocketDma {
   private run(frame: Frame): boolean {
     let result: Reply | Promise<Reply>;
     try {
-      result = this.dispatch(frame);
+      if (this.conformance !== null) this.conformance.observe(frame.header, frame.body);
+      result = this.faults === null ? this.dispatch(frame) : this.dispatchWithFaults(this.faults, frame);
     } catch (err) {
       this.finish(frame, null, err);
       return true;
@@ -192,7 +203,7 @@ export class Connection implements SocketDma {
     // a command this server does not know (a newer client probing, or garbage
     // with a sane size): refused, the session goes on (libvfio-user answers
     // EINVAL; ENOSYS tells "no such command" from "bad arguments")
-    if (!handler) throw fail.nosys(`command ${COMMAND_NAMES[header.command] ?? header.command} is not implemented`);
+    if (!handler) throw fail.nosys(`command ${COMMAND_NAMES[header.command] ?? header.command} is not implemented`).with({ rule: "unknown-command" });
     const req: Request = {
       header,
       body: frame.body,
@@ -205,6 +216,12 @@ export class Connection implements SocketDma {
       closeAfterReply: this.closeAfterReplyFn,
     };
     return handler(req);
+  }
+
+  /** A command under injected faults: refused, held, or the connection dropped instead of its reply. */
+  private dispatchWithFaults(faults: FaultSet, frame: Frame): Reply | Promise<Reply> {
+    const step = faults.command<Reply>(frame.header, frame.body);
+    return step === null ? this.dispatch(frame) : step(() => this.dispatch(frame));
   }
 
   private finish(frame: Frame, result: Reply | null, err: unknown): void {
@@ -221,9 +238,14 @@ export class Connection implements SocketDma {
       for (const fd of frame.fds) this.opts.closeFd(fd);
       frame.fds.length = 0;
     }
+    if (err instanceof ConnectionDrop) {
+      this.opts.transport.close();
+      return;
+    }
     const h = frame.header;
     const noReply = (h.flags & HeaderFlags.NO_REPLY) !== 0;
     if (err !== null) {
+      if (this.conformance !== null) this.conformance.refused(h, err);
       const errno = errnoOf(err);
       if (!(err instanceof VfioUserError)) {
         this.logLimited("error", { err, msgId: h.msgId, cmd: cmdName(h.command) }, "handler failed unexpectedly");
@@ -302,8 +324,10 @@ export class Connection implements SocketDma {
   // ---- server-to-client requests ----
 
   private onReply(frame: Frame): void {
+    if (frame.fds.length > 0) this.conformance?.reply("fds-on-reply", frame.header, null, `${frame.fds.length} fd(s) with a reply`);
     for (const fd of frame.fds) this.opts.closeFd(fd); // spec: no fds expected in DMA replies
     if (!this.pending.settle(frame)) {
+      this.conformance?.reply("reply-unmatched", frame.header, null, `reply with msgId ${frame.header.msgId} to no request of ours`);
       this.logLimited("warn", { msgId: frame.header.msgId, cmd: cmdName(frame.header.command) }, "reply to no request of ours; ignored");
     }
   }
@@ -320,8 +344,8 @@ export class Connection implements SocketDma {
       const n = Math.min(max, length - done);
       const at = address + BigInt(done);
       const frame = await this.request(Command.DMA_READ, [encodeDmaReadRequest({ address: at, count: BigInt(n) })]);
-      const r = decodeDmaReadReply(frame.body);
-      if (r.address !== at || r.count !== BigInt(n) || r.data.length !== n) throw fail.io("DMA_READ reply does not match the request");
+      const r = this.checkedReply(frame, decodeDmaReadReply, n);
+      if (r.address !== at || r.count !== BigInt(n) || r.data.length !== n) throw this.replyMismatch(frame, "DMA_READ reply does not match the request", r.address !== at ? 0 : 8);
       out.set(r.data, done);
       done += n;
     }
@@ -334,11 +358,32 @@ export class Connection implements SocketDma {
       const n = Math.min(max, data.length - done);
       const at = address + BigInt(done);
       const frame = await this.request(Command.DMA_WRITE, encodeDmaWriteRequestParts({ address: at, count: BigInt(n), data: data.subarray(done, done + n) }));
-      const r = decodeDmaWriteReply(frame.body);
+      const r = this.checkedReply(frame, decodeDmaWriteReply);
       // QEMU acknowledges with an empty body; a peer that echoes must echo this request
-      if (r.address !== undefined && (r.address !== at || r.count !== n)) throw fail.io("DMA_WRITE reply does not match the request");
+      if (r.address === undefined) this.conformance?.reply("dma-write-reply-empty", frame.header, 0, "DMA_WRITE reply without address and count (an empty body)");
+      else if (r.address !== at || r.count !== n) throw this.replyMismatch(frame, "DMA_WRITE reply does not match the request", r.address !== at ? 0 : 8);
       done += n;
     }
+  }
+
+  /** Decodes the client's reply to our DMA_READ/DMA_WRITE; a reply the codec refuses goes into the conformance report. */
+  private checkedReply<T>(frame: Frame, decode: (body: Buffer) => T, asked?: number): T {
+    try {
+      return decode(frame.body);
+    } catch (err) {
+      if (this.conformance !== null) {
+        const offset = err instanceof VfioUserError ? (err.fact?.offset ?? null) : null;
+        // a u32 count (QEMU 10.2's VFIOUserDMARW) puts the count asked for in the low half and data at offset 12
+        const u32 = asked !== undefined && frame.body.length >= 16 && frame.body.readUInt32LE(8) === asked;
+        this.conformance.reply("dma-reply-count", frame.header, offset, `${(err as Error).message}${u32 ? `; its low 32 bits are the ${asked} asked for: a u32 count, data at offset 12` : ""}`);
+      }
+      throw err;
+    }
+  }
+
+  private replyMismatch(frame: Frame, reason: string, offset: number): VfioUserError {
+    this.conformance?.reply("dma-reply-count", frame.header, offset, reason);
+    return fail.io(reason);
   }
 
   /** Called after VERSION: frames may now be as large as the negotiated transfer size allows. */
@@ -368,6 +413,7 @@ export class Connection implements SocketDma {
     for (const fd of this.decoder.close()) this.opts.closeFd(fd);
     this.queue.length = 0;
     this.pending.rejectAll(fail.fault("client disconnected"));
+    this.conformance?.left(this.opts.endpoint.dirtyLog !== null);
     this.opts.endpoint.detachClient();
     const suppressed = this.limiter.totalSuppressed;
     this.log.info(suppressed > 0 ? { suppressedLogLines: suppressed } : {}, "client disconnected");

@@ -11,6 +11,8 @@ import { fail } from "../../protocol/errors.ts";
 import { DmaEngine, type SocketDma } from "../dma/dma-engine.ts";
 import { DmaTable } from "../dma/dma-table.ts";
 import type { DirtyLog } from "../dma/dirty-bitmap.ts";
+import { FaultSet } from "../faults/fault-set.ts";
+import type { Fault } from "../faults/language.ts";
 import { InterruptController, type LimitedLog } from "../irq/interrupts.ts";
 import { MigrationController, type MigrationOptions } from "../migration/controller.ts";
 import { migStateName } from "../migration/fsm.ts";
@@ -22,6 +24,8 @@ export interface EndpointOptions {
   maxDmaMaps: number;
   closeFd: (fd: number) => void;
   migration?: MigrationOptions;
+  /** Faults to inject (specs of docs/faults.md, or parsed). */
+  faults?: readonly (string | Fault)[];
 }
 
 export class Endpoint {
@@ -35,6 +39,8 @@ export class Endpoint {
   /** The client's ioeventfds for doorbells (GET_REGION_IO_FDS). */
   readonly ioEventFds: IoEventFds;
   readonly log: Logger;
+  /** Faults injected on demand, or null (then no hook does anything). */
+  readonly faults: FaultSet | null;
   private isRunning = true;
 
   constructor(
@@ -52,6 +58,8 @@ export class Endpoint {
     counts[IrqIndex.ERR] = 0;
     counts[IrqIndex.REQ] = 0;
     this.irq = new InterruptController(counts, this.pci.config, Boolean(device.interruptPin), () => this.isRunning, opts.log, opts.closeFd, this.pci.msixTable);
+    this.faults = FaultSet.of(opts.faults, opts.log, () => this.migration.state);
+    if (this.faults?.hasIrqFaults) this.irq.hold = this.faults.irqHold;
     this.dmaTable = new DmaTable(opts.maxDmaMaps);
     this.dma = new DmaEngine(() => this.dmaTable, () => this.isRunning && this.pci.config.busMaster);
     const config = this.pci.config;

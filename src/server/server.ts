@@ -5,6 +5,9 @@
  */
 import type { Logger } from "pino";
 import type { Device } from "../device/api.ts";
+import { ConformanceRecorder, type ClientReport, type ConformanceOptions } from "../conformance/recorder.ts";
+import { formatClientReport, formatConformanceReport } from "../conformance/report.ts";
+import type { Fault } from "../faults/language.ts";
 import { silentLogger } from "../log.ts";
 import type { MigrationOptions } from "../migration/controller.ts";
 import { native } from "../transport/native.ts";
@@ -28,6 +31,18 @@ export interface ServerOptions {
   requestTimeoutMs?: number;
   /** Migration options (P2P states offered or not), forwarded to the endpoint. */
   migration?: MigrationOptions;
+  /**
+   * Keep a client conformance report (src/conformance): true, its options,
+   * or a recorder of your own. Each client's table is logged when it leaves,
+   * every client's when the server closes; `conformance.report()` is the
+   * JSON. Replies are the same with and without it.
+   */
+  conformance?: boolean | ConformanceOptions | ConformanceRecorder;
+  /**
+   * Faults to inject (src/faults; the language: docs/faults.md), as specs or
+   * parsed. A spec that does not parse throws FaultSyntaxError here.
+   */
+  faults?: readonly (string | Fault)[];
 }
 
 function closeFd(fd: number): void {
@@ -42,11 +57,14 @@ export class VfioUserServer {
   private current: Connection | null = null;
   private listener: UnixServer | null = null;
   private connCounter = 0;
+  /** The client conformance report, when the options asked for one. */
+  readonly conformance: ConformanceRecorder | null;
 
   constructor(private readonly opts: ServerOptions) {
     this.log = opts.log ?? silentLogger();
+    this.conformance = makeRecorder(opts.conformance, (r) => this.logClientReport(r));
     this.limits = { ...DEFAULT_LIMITS, ...opts.limits };
-    this.endpoint = new Endpoint(opts.device, { log: this.log, maxDmaMaps: this.limits.maxDmaMaps, closeFd, migration: opts.migration });
+    this.endpoint = new Endpoint(opts.device, { log: this.log, maxDmaMaps: this.limits.maxDmaMaps, closeFd, migration: opts.migration, faults: opts.faults });
     this.handlers = buildHandlerTable(opts.handlers);
   }
 
@@ -71,6 +89,7 @@ export class VfioUserServer {
     const id = ++this.connCounter;
     const log = this.log.child({ conn: id });
     const session = new Session(this.limits);
+    session.conformance = this.conformance?.client(id, transport.peer ?? null) ?? null;
     const conn = new Connection({
       transport,
       endpoint: this.endpoint,
@@ -91,6 +110,11 @@ export class VfioUserServer {
     return conn;
   }
 
+  private logClientReport(r: ClientReport): void {
+    const deviations = r.deviations.map((d) => ({ id: d.id, severity: d.severity, cmd: d.command, count: d.count, msgId: d.first.msgId, offset: d.first.offset }));
+    this.log.info({ conn: r.conn, errors: r.errors, warnings: r.warnings, deviations, table: formatClientReport(r) }, "client conformance report");
+  }
+
   get connection(): Connection | null {
     return this.current;
   }
@@ -106,6 +130,10 @@ export class VfioUserServer {
     this.listener?.close();
     this.listener = null;
     this.current?.close();
+    if (this.conformance !== null && this.disposed === null) {
+      const report = this.conformance.report();
+      this.log.info({ errors: report.errors, warnings: report.warnings, table: formatConformanceReport(report) }, "client conformance report, all connections");
+    }
     this.disposed ??= (async () => {
       try {
         await this.opts.device.dispose?.();
@@ -115,4 +143,17 @@ export class VfioUserServer {
     })();
     return this.disposed;
   }
+}
+
+function makeRecorder(opt: ServerOptions["conformance"], onClientDone: (r: ClientReport) => void): ConformanceRecorder | null {
+  if (opt === undefined || opt === false) return null;
+  if (opt instanceof ConformanceRecorder) return opt;
+  const given = opt === true ? {} : opt;
+  return new ConformanceRecorder({
+    ...given,
+    onClientDone: (r) => {
+      onClientDone(r);
+      given.onClientDone?.(r);
+    },
+  });
 }

@@ -4,6 +4,7 @@
  * capability.
  */
 import { Defaults } from "../../protocol/constants.ts";
+import type { ClientConformance } from "../conformance/recorder.ts";
 import { MAX_REPORT_BYTES } from "../dma/dirty-bitmap.ts";
 
 export interface ServerLimits {
@@ -36,6 +37,9 @@ export class Session {
   maxBitmapSize: number;
   /** Negotiated: DMA_LOGGING_START's page size when the client gives none (the smallest negotiated pgsize). */
   migrationPgsize: bigint;
+
+  /** This client's conformance report, when the server keeps one (handlers note what they accepted liberally). */
+  conformance: ClientConformance | null = null;
 
   /** Set by the connection: the frame limit follows the negotiated transfer size. */
   onNegotiated?: (maxDataXferSize: number) => void;

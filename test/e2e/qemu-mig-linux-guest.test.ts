@@ -64,6 +64,8 @@ while [ $i -le $N ]; do
   [ "$ev" = "$i" ] || result bad "$i interrupt event count '$ev' want $i"
   wr 0x64 0x1
   intx_enable
+  irqs=$(uio_irqs)
+  [ "$irqs" = "$i" ] || result bad "$i interrupts counted on the line: $irqs want $i ($(grep uio_pci_generic /proc/interrupts); spurious: $(tr '\n' ' ' < /proc/irq/$(cat "$DEV/irq")/spurious))"
   big_wr $((i * 4096)) $v
   got=$(big_rd $((i * 4096))); want=$(printf 0x%08X $v)
   [ "$got" = "$want" ] || result bad "$i bigmem $got want $want"
@@ -122,7 +124,13 @@ describeQemuMig("a Linux guest keeps using edu and bigmem while QEMU migrates it
     ];
     const src = await startLinuxVm({ dir, qemu: "mig", kit: kit.kit, initrd, devices: devices(eduA, bigA) });
     vms.push(src);
+    const irqTraffic = (srv: CliServer) => {
+      const recs = srv.log.records();
+      const sets = recs.filter((r) => r.msg === "recv" && r.cmd === "DEVICE_SET_IRQS").length;
+      return `${sets} SET_IRQS received; last lines: ${srv.log.raw().filter((l) => !/"msg":"(recv|send)"/.test(l)).slice(-8).join("\n")}`;
+    };
     const context = () =>
+      `--- edu server A ---\n${irqTraffic(eduA)}\n--- edu server B ---\n${irqTraffic(eduB)}\n` +
       `--- source console ---\n${src.lines().slice(-30).join("\n")}${src.partial()}\n--- source stderr ---\n${src.stderr().slice(-2000)}` +
       (vms[1] ? `\n--- destination console ---\n${vms[1].lines().slice(-30).join("\n")}\n--- destination stderr ---\n${vms[1].stderr().slice(-2000)}` : "");
     try {

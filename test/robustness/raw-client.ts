@@ -32,7 +32,7 @@ import {
 } from "../../protocol/index.ts";
 import { native } from "../../src/transport/native.ts";
 import { UnixConnection } from "../../src/transport/unix-socket.ts";
-import { VfioUserServer } from "../../src/server/server.ts";
+import { VfioUserServer, type ServerOptions } from "../../src/server/server.ts";
 import type { ServerLimits } from "../../src/server/session.ts";
 import type { Device } from "../../src/device/api.ts";
 
@@ -298,12 +298,14 @@ export function tmpDir(prefix = "vfu-robust-"): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
 }
 
-export function startInProcessServer(opts: { limits?: Partial<ServerLimits>; device?: Device; logLevel?: string } = {}): InProcessServer {
-  const dir = tmpDir();
+export function startInProcessServer(
+  opts: { limits?: Partial<ServerLimits>; device?: Device; logLevel?: string; dirPrefix?: string; server?: Pick<ServerOptions, "conformance" | "faults"> } = {},
+): InProcessServer {
+  const dir = tmpDir(opts.dirPrefix);
   const socketPath = path.join(dir, "s.sock");
   const logs: LogLine[] = [];
   const device = opts.device ?? new EduDevice();
-  const server = new VfioUserServer({ device, log: captureLogger(opts.logLevel ?? "debug", logs), limits: opts.limits });
+  const server = new VfioUserServer({ device, log: captureLogger(opts.logLevel ?? "debug", logs), limits: opts.limits, ...opts.server });
   server.listen(socketPath);
   return {
     server,

@@ -1,5 +1,5 @@
 /** DMA_MAP / DMA_UNMAP: the client's memory the device may use (spec: "VFIO_USER_DMA_MAP"). */
-import { DmaMapFlags, DmaUnmapFlags } from "../../../protocol/constants.ts";
+import { DmaMapFlags, DmaUnmapFlags, MessageSize } from "../../../protocol/constants.ts";
 import { fail } from "../../../protocol/errors.ts";
 import { decodeDmaMapRequest, encodeDmaMapReply } from "../../../protocol/messages/dma-map.ts";
 import { decodeDmaUnmapRequest, encodeDmaUnmapReply } from "../../../protocol/messages/dma-unmap.ts";
@@ -11,7 +11,9 @@ import { reply, type Reply, type Request } from "../dispatcher.ts";
 
 export function handleDmaMap(req: Request): Reply {
   const m = decodeDmaMapRequest(req.body);
-  if (req.fds.length > 1) throw fail.inval(`DMA_MAP with ${req.fds.length} fds; at most one`);
+  if (req.fds.length > 1) throw fail.inval(`DMA_MAP with ${req.fds.length} fds; at most one`).with({ rule: "fds-unexpected" });
+  // spec: "argsz is the size of the above structure" (larger is accepted)
+  if (m.argsz !== MessageSize.DMA_MAP) req.session.conformance?.note("argsz-mismatch", req.header, 0, `DMA_MAP argsz ${m.argsz}, not ${MessageSize.DMA_MAP}`);
   const readable = (m.flags & DmaMapFlags.READ) !== 0;
   const writable = (m.flags & DmaMapFlags.WRITE) !== 0;
   if (!readable && !writable) throw fail.inval("DMA_MAP without READ or WRITE");
@@ -36,6 +38,7 @@ export function handleDmaUnmap(req: Request): Reply | Promise<Reply> {
   const m = decodeDmaUnmapRequest(req.body);
   const table = req.endpoint.dmaTable;
   const all = (m.flags & DmaUnmapFlags.ALL) !== 0;
+  if (all) req.session.conformance?.note("dma-unmap-all", req.header, 4, "DMA_UNMAP with linux/vfio.h's VFIO_DMA_UNMAP_FLAG_ALL");
   // spec: with the ALL flag, address and size must be 0
   if (all && (m.address !== 0n || m.size !== 0n)) throw fail.inval("DMA_UNMAP ALL with a non-zero address or size");
   const done = (): Reply => {

@@ -4,12 +4,14 @@
  * side effects; a GET reply carries the data and grows argsz by its length.
  */
 import { Feature, FeatureFlags, MigState, NO_DATA_FD } from "../../../protocol/constants.ts";
-import { fail } from "../../../protocol/errors.ts";
+import { VfioUserError, fail } from "../../../protocol/errors.ts";
 import { decodeDeviceFeatureRequest, encodeDeviceFeatureParts } from "../../../protocol/messages/device-feature.ts";
 import {
   decodeDmaLoggingControl,
   decodeDmaLoggingReportRequest,
   decodeFeatureMigState,
+  dmaLoggingControlLayout,
+  dmaLoggingReportLayout,
   encodeDmaLoggingControl,
   encodeFeatureMigDataSize,
   encodeFeatureMigState,
@@ -33,6 +35,22 @@ const OPS: ReadonlyMap<number, number> = new Map([
 /** Smallest and largest dirty-tracking page sizes offered. */
 const MIN_LOG_PAGE = 4096n;
 const MAX_LOG_PAGE = 1n << 30n;
+
+/** Features whose GET takes no input: a GET request's data is nothing but room for the reply. */
+const GET_WITHOUT_INPUT: ReadonlySet<number> = new Set([Feature.MIGRATION, Feature.MIG_DEVICE_STATE, Feature.MIG_DATA_SIZE]);
+
+/**
+ * Runs a decode or action on the feature data; a refusal's fact offset is
+ * data-relative there and becomes body-relative (data starts at offset 8).
+ */
+async function onData<T>(fn: () => T | Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (err) {
+    if (err instanceof VfioUserError && err.fact) err.fact = { rule: err.fact.rule, offset: FIXED + (err.fact.offset ?? 0) };
+    throw err;
+  }
+}
 
 function countBits(bitmap: Uint8Array): number {
   let n = 0;
@@ -63,6 +81,11 @@ export async function handleDeviceFeature(req: Request): Promise<Reply> {
     throw fail.inval(`DEVICE_FEATURE SET argsz ${f.argsz} is smaller than its ${FIXED + f.data.length}-byte payload`);
   }
   const echo = (): Reply => ({ parts: encodeDeviceFeatureParts({ argsz: FIXED + f.data.length, flags: f.flags, data: f.data }) });
+  const conf = req.session.conformance;
+  if (conf !== null && f.data.length > 0 && ((f.flags & FeatureFlags.PROBE) !== 0 || (ops === FeatureFlags.GET && GET_WITHOUT_INPUT.has(feature)))) {
+    const op = (f.flags & FeatureFlags.PROBE) !== 0 ? "PROBE" : "GET";
+    conf.note("feature-get-data", req.header, FIXED, `${op} of feature ${feature} with ${f.data.length} bytes of data (ignored)`);
+  }
   if (f.flags & FeatureFlags.PROBE) return echo();
 
   const ep = req.endpoint;
@@ -79,16 +102,17 @@ export async function handleDeviceFeature(req: Request): Promise<Reply> {
 
     case Feature.MIG_DEVICE_STATE: {
       if (ops === FeatureFlags.GET) return get(encodeFeatureMigState({ device_state: ep.migration.state, data_fd: NO_DATA_FD }));
-      const m = decodeFeatureMigState(f.data);
-      if (m.device_state === MigState.ERROR) throw fail.inval("ERROR cannot be requested");
-      await ep.migration.setState(m.device_state as MigState);
+      const m = await onData(() => decodeFeatureMigState(f.data));
+      // spec: "ERROR cannot be specified as a device state"
+      if (m.device_state === MigState.ERROR) throw fail.inval("ERROR cannot be requested").with({ rule: "mig-state-arc", offset: FIXED });
+      await onData(() => ep.migration.setState(m.device_state as MigState));
       // the reply carries the new state; data_fd is -1, never an echo (data moves with MIG_DATA_READ/WRITE)
       const data = encodeFeatureMigState({ device_state: ep.migration.state, data_fd: NO_DATA_FD });
       return { parts: encodeDeviceFeatureParts({ argsz: FIXED + data.length, flags: f.flags, data }) };
     }
 
     case Feature.DMA_LOGGING_START: {
-      const c = decodeDmaLoggingControl(f.data);
+      const c = await onData(() => decodeLoggingControl(f.data));
       if (ep.dirtyLog) throw fail.busy("DMA logging is already started");
       // spec: the page size is a hint; a power of two in range is honoured. None
       // (0) or one the device cannot do gets the negotiated migration pgsize.
@@ -116,7 +140,7 @@ export async function handleDeviceFeature(req: Request): Promise<Reply> {
       return echo();
 
     case Feature.DMA_LOGGING_REPORT: {
-      const r = decodeDmaLoggingReportRequest(f.data);
+      const r = await onData(() => decodeLoggingReport(f.data));
       const log = ep.dirtyLog;
       if (!log) throw fail.inval("DMA logging is not started");
       // kernel rule: a report page is a power of two of at least 4 KiB
@@ -138,7 +162,27 @@ export async function handleDeviceFeature(req: Request): Promise<Reply> {
     }
 
     case Feature.MIG_DATA_SIZE:
-      return get(encodeFeatureMigDataSize({ stop_copy_length: ep.migration.stopCopySize() }));
+      return get(encodeFeatureMigDataSize({ stop_copy_length: ep.faults === null ? ep.migration.stopCopySize() : ep.faults.stopCopySize(req.header, ep.migration.stopCopySize()) }));
   }
   throw fail.notsup(`device feature ${feature} is not supported`);
+}
+
+/** START/STOP data; the ioctl's layout (ranges behind a pointer at offset 16) is named as such. */
+function decodeLoggingControl(data: Uint8Array) {
+  if (dmaLoggingControlLayout(data) === "kernel") {
+    throw fail
+      .inval(`DMA_LOGGING control: ${data.length} bytes with num_ranges ${Buffer.from(data).readUInt32LE(8)}: linux/vfio.h's layout, a ranges pointer at offset 16 instead of the ranges`)
+      .with({ rule: "dma-logging-ranges-not-inline", offset: 16 });
+  }
+  return decodeDmaLoggingControl(data);
+}
+
+/** REPORT request data: 24 bytes; anything else (the ioctl's 32-byte struct with its bitmap pointer, say) is named as such. */
+function decodeLoggingReport(data: Uint8Array) {
+  const layout = dmaLoggingReportLayout(data);
+  if (layout !== "spec") {
+    const what = layout === "kernel" ? "linux/vfio.h's 32-byte struct (bitmap pointer at offset 24)" + (data.length > 32 ? ` followed by ${data.length - 32} bytes of bitmap buffer` : "") : "not the 24 bytes of iova, length, page_size";
+    throw fail.inval(`DMA_LOGGING_REPORT request data is ${data.length} bytes: ${what}`).with({ rule: "dma-logging-report-size", offset: Math.min(data.length, 24) });
+  }
+  return decodeDmaLoggingReportRequest(data);
 }

@@ -72,7 +72,7 @@ export function handleDeviceSetIrqs(req: Request): Reply {
     }
     throw fail.notsup("SET_IRQS: eventfds for MASK/UNMASK are not supported");
   }
-  if (req.fds.length > 0) throw fail.inval("SET_IRQS: fds without DATA_EVENTFD");
+  if (req.fds.length > 0) throw fail.inval("SET_IRQS: fds without DATA_EVENTFD").with({ rule: "fds-unexpected" });
 
   if (data === IrqSetFlags.DATA_NONE && action === IrqSetFlags.ACTION_TRIGGER && s.count === 0) {
     // spec (VFIO): count 0 with DATA_NONE and TRIGGER tears down the index

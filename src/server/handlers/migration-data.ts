@@ -4,10 +4,10 @@
  * the socket form of VFIO_MIG_GET_PRECOPY_INFO). Which states allow each is
  * checked by command-rules.ts before these run.
  */
-import { MessageSize } from "../../../protocol/constants.ts";
+import { MessageSize, MigState } from "../../../protocol/constants.ts";
 import { fail } from "../../../protocol/errors.ts";
 import { decodeMigDataReadRequest, decodeMigDataWriteRequest, encodeMigDataReadReplyParts, encodeMigDataWriteReply } from "../../../protocol/messages/mig-data.ts";
-import { decodeMigGetPrecopyInfoRequest, encodeMigGetPrecopyInfoReply } from "../../../protocol/messages/mig-get-precopy-info.ts";
+import { decodeMigGetPrecopyInfoRequest, encodeMigGetPrecopyInfoReply, precopyInfoArgszOmitted } from "../../../protocol/messages/mig-get-precopy-info.ts";
 import { allocBody, putU32 } from "../../../protocol/wire.ts";
 import { reply, type Reply, type Request } from "../dispatcher.ts";
 
@@ -26,7 +26,11 @@ export function handleMigDataRead(req: Request): Reply {
   // The segments may be views of device memory, valid until this handler
   // yields (MigrationController.read): it stays synchronous, and the
   // connection sends the reply before it returns.
+  const faults = req.endpoint.faults;
+  if (faults !== null) return readWithFaults(req, faults.migDataRead(req.header, r.size));
   const segments = req.endpoint.migration.read(r.size);
+  const conf = req.session.conformance;
+  if (conf !== null) conf.migDataRead(req.header, req.endpoint.migrationState === MigState.STOP_COPY, byteLength(segments));
   if (segments.length === 1 || segments.length > MAX_REPLY_SEGMENTS) {
     const data = segments.length === 1 ? segments[0]! : Buffer.concat(segments);
     return { parts: encodeMigDataReadReplyParts({ argsz: 8 + data.length, size: data.length, data }) };
@@ -39,6 +43,32 @@ export function handleMigDataRead(req: Request): Reply {
   const parts: Uint8Array[] = [readReplyFixed(size)];
   for (let i = 0; i < segments.length; i++) parts.push(segments[i]!);
   return { parts };
+}
+
+/**
+ * MIG_DATA_READ under injected faults: fewer bytes read (the rest stays
+ * queued), or a bit flipped in a copy of the data (device memory and the
+ * queued stream are untouched; the destination sees a corrupt stream).
+ */
+function readWithFaults(req: Request, f: { size: number; corrupt: number | null }): Reply {
+  const segments = req.endpoint.migration.read(f.size);
+  let data = segments.length === 1 ? segments[0]! : Buffer.concat(segments);
+  req.session.conformance?.migDataRead(req.header, req.endpoint.migrationState === MigState.STOP_COPY, data.length);
+  if (f.corrupt !== null) {
+    if (f.corrupt < data.length) {
+      data = Buffer.from(data);
+      data[f.corrupt]! ^= 0x01;
+    } else {
+      req.log.warn({ msgId: req.header.msgId, offset: f.corrupt, size: data.length }, "fault injected: nothing to corrupt (the reply is shorter than the offset); sent as it is");
+    }
+  }
+  return { parts: encodeMigDataReadReplyParts({ argsz: 8 + data.length, size: data.length, data }) };
+}
+
+function byteLength(segments: readonly Uint8Array[]): number {
+  let n = 0;
+  for (let i = 0; i < segments.length; i++) n += segments[i]!.byteLength;
+  return n;
 }
 
 /** The reply's fixed part (argsz, size) for `size` data bytes sent as separate parts; the same bytes encodeMigDataReadReplyParts writes. */
@@ -58,6 +88,8 @@ export function handleMigDataWrite(req: Request): Reply {
 
 export function handleMigGetPrecopyInfo(req: Request): Reply {
   decodeMigGetPrecopyInfoRequest(req.body);
-  const info = req.endpoint.migration.precopyInfo();
+  if (precopyInfoArgszOmitted(req.body)) req.session.conformance?.note("argsz-zero", req.header, 0, "24-byte request with argsz 0 (read as 24)");
+  const real = req.endpoint.migration.precopyInfo();
+  const info = req.endpoint.faults === null ? real : req.endpoint.faults.precopyInfo(req.header, real);
   return reply(encodeMigGetPrecopyInfoReply({ argsz: 24, flags: 0, initial_bytes: info.initialBytes, dirty_bytes: info.dirtyBytes }));
 }

@@ -6,7 +6,7 @@
  * is in its log). `states(server)` reads the migration state sequence a
  * server went through from that log. No vitest here.
  */
-import type { CliServer, LogCapture, LogRecord, ServerHandle } from "./server.ts";
+import type { LogCapture, LogRecord, ServerHandle } from "./server.ts";
 import { spawnCliServer } from "./server.ts";
 
 /** Either kind of server, as the pair uses it. */
@@ -33,10 +33,16 @@ export interface PairOptions {
   device?: string;
   destinationDevice?: string;
   /** More `serve` arguments for both, e.g. `["--opt", "size=64M"]` or `["--p2p"]`. */
-  serverArgs?: string[];
-  destinationServerArgs?: string[];
+  serverArgs?: ServerArgs;
+  destinationServerArgs?: ServerArgs;
   /** A destination server of the test's own instead of a `serve` process (e.g. one with a fault). */
   destinationServer?: (dir: SharedDir) => ServerSide;
+  /** The same for the source. */
+  sourceServer?: (dir: SharedDir) => ServerSide;
+  /** The destination's QEMU build, when not the source's (both builds live in the same root). */
+  destinationQemu?: QemuBuild;
+  /** Guest RAM on a shared memfd (default true); false: anonymous RAM, so DMA goes over the socket. */
+  memfd?: boolean;
   memMiB?: number;
   /** Extra vfio-user-pci properties for both QEMUs. */
   deviceProps?: Record<string, unknown>;
@@ -44,10 +50,13 @@ export interface PairOptions {
   extraArgs?: string[];
 }
 
+/** `serve` arguments, or a function of the shared dir (for files in it, e.g. `--client-report`). */
+export type ServerArgs = string[] | ((dir: SharedDir, side: "a" | "b") => string[]);
+
 export class MigrationPair {
   src!: QemuInstance;
   dst!: QemuInstance;
-  srvA!: CliServer;
+  srvA!: ServerSide;
   srvB!: ServerSide;
   readonly dir: SharedDir;
   private readonly opts: PairOptions;
@@ -60,20 +69,27 @@ export class MigrationPair {
   /** Both servers, then the source QEMU (the destination comes with startDestination). */
   async startSource(): Promise<void> {
     const base = ["--trace", "--log-level", "debug"];
-    this.srvA = await spawnCliServer({ dir: this.dir, name: "a.sock", device: this.opts.device ?? "edu", args: [...base, ...(this.opts.serverArgs ?? [])] });
+    this.srvA = this.opts.sourceServer
+      ? this.opts.sourceServer(this.dir)
+      : await spawnCliServer({ dir: this.dir, name: "a.sock", device: this.opts.device ?? "edu", args: [...base, ...this.args(this.opts.serverArgs, "a")] });
     this.srvB = this.opts.destinationServer
       ? this.opts.destinationServer(this.dir)
       : await spawnCliServer({
           dir: this.dir,
           name: "b.sock",
           device: this.opts.destinationDevice ?? this.opts.device ?? "edu",
-          args: [...base, ...(this.opts.destinationServerArgs ?? this.opts.serverArgs ?? [])],
+          args: [...base, ...this.args(this.opts.destinationServerArgs ?? this.opts.serverArgs, "b")],
         });
     this.src = await startQemu(this.qemuOptions(this.srvA.socketPath));
   }
 
+  private args(a: ServerArgs | undefined, side: "a" | "b"): string[] {
+    return typeof a === "function" ? a(this.dir, side) : (a ?? []);
+  }
+
   async startDestination(): Promise<void> {
     const o = this.qemuOptions(this.srvB.socketPath);
+    if (this.opts.destinationQemu) o.qemu = this.opts.destinationQemu;
     o.extraArgs = [...(o.extraArgs ?? []), "-incoming", "defer"];
     this.dst = await startQemu(o);
   }
@@ -83,6 +99,7 @@ export class MigrationPair {
       dir: this.dir,
       qemu: this.opts.qemu ?? "mig",
       memMiB: this.opts.memMiB ?? 256,
+      memfd: this.opts.memfd,
       vfioUserSocket: socket,
       deviceProps: { id: "vfu0", addr: `${MIG_SLOT}.0`, ...this.opts.deviceProps },
       extraArgs: this.opts.extraArgs,
@@ -108,9 +125,19 @@ export class MigrationPair {
     return [
       this.src ? `--- source QEMU stderr ---\n${tail(this.src.stderr())}` : "",
       this.dst ? `--- destination QEMU stderr ---\n${tail(this.dst.stderr())}` : "",
-      this.srvA ? `--- server A ---\n${tail(this.srvA.stderr())}` : "",
+      this.srvA ? `--- server A ---\n${tail(this.srvA.stderr?.() ?? this.srvA.log.tail(200))}` : "",
       this.srvB ? `--- server B ---\n${tail(this.srvB.stderr?.() ?? this.srvB.log.tail(200))}` : "",
     ].join("\n");
+  }
+}
+
+/** Runs `fn`; on failure appends the pair's four logs to the message. */
+export async function withContext(p: MigrationPair, fn: () => Promise<void>): Promise<void> {
+  try {
+    await fn();
+  } catch (e) {
+    if (e instanceof Error) e.message += `\n${p.context()}`;
+    throw e;
   }
 }
 

@@ -109,6 +109,8 @@ export interface StartServerOptions {
   /** Handlers that replace the server's own (a test's fault on one command). */
   handlers?: ServerOptions["handlers"];
   migration?: ServerOptions["migration"];
+  conformance?: ServerOptions["conformance"];
+  faults?: ServerOptions["faults"];
 }
 
 /** Start a `VfioUserServer` in this process, listening in `dir`. */
@@ -116,7 +118,7 @@ export function startServer(opts: StartServerOptions): ServerHandle {
   const capture = new LogCapture();
   const log: Logger = pino({ level: opts.level ?? "debug", base: undefined }, capture);
   const socketPath = join(opts.dir.host, opts.name ?? `${opts.device.type}.sock`);
-  const server = new VfioUserServer({ device: opts.device, log, trace: opts.trace ?? true, handlers: opts.handlers, migration: opts.migration });
+  const server = new VfioUserServer({ device: opts.device, log, trace: opts.trace ?? true, handlers: opts.handlers, migration: opts.migration, conformance: opts.conformance, faults: opts.faults });
   server.listen(socketPath);
   let closed = false;
   return {
