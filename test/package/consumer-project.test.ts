@@ -206,7 +206,8 @@ describe("the packed package in a project of its own [slow]", () => {
       p.stderr!.on("data", (b: Buffer) => (err += b.toString()));
       const exit = new Promise<number | null>((resolve) => p.on("exit", (code) => resolve(code)));
       const deadline = Date.now() + 30_000;
-      while (!(out.includes("vfio-user-ts: serving") && existsSync(socket))) {
+      // the whole banner: the attach lines come after the "serving" line
+      while (!(out.includes("For a scripted guest") && existsSync(socket))) {
         if (Date.now() > deadline) throw new Error(`serve did not come up:\n${out}\n${err}`);
         await new Promise((r) => setTimeout(r, 50));
       }
