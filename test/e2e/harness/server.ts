@@ -26,9 +26,25 @@ export interface LogRecord {
   [field: string]: unknown;
 }
 
-/** An in-memory log sink with helpers to query it. */
+/** Commands a migration sends by the hundred thousand; their trace lines are the first to go. */
+const BULK = /"cmd":"(MIG_DATA_READ|MIG_DATA_WRITE|REGION_READ|REGION_WRITE|DEVICE_FEATURE|MIG_GET_PRECOPY_INFO)"/;
+
+function isBulkTrace(line: string): boolean {
+  return line.includes('"msg":"send"') || (line.includes('"msg":"recv"') && BULK.test(line));
+}
+
+/**
+ * An in-memory log sink with helpers to query it. Marks (`length`) count
+ * every line ever written, so a mark stays valid when old lines are let go.
+ * Beyond `cap` lines the oldest per-message trace lines (every `send`, the
+ * `recv` of the bulk commands) go first: a long migration traces hundreds of thousands of messages, and
+ * the lines tests look for (states, refusals, warnings) must outlive them.
+ */
 export class LogCapture {
-  private readonly lines: string[] = [];
+  private lines: string[] = [];
+  /** seqs[i]: the sequence number of lines[i] (ascending). */
+  private seqs: number[] = [];
+  private next = 0;
   private readonly cap: number;
   private readonly echo: boolean;
 
@@ -42,19 +58,43 @@ export class LogCapture {
     for (const line of s.split("\n")) {
       if (line === "") continue;
       this.lines.push(line);
+      this.seqs.push(this.next++);
       if (this.echo) process.stderr.write(`[server] ${line}\n`);
     }
-    if (this.lines.length > this.cap) this.lines.splice(0, this.lines.length - this.cap);
+    if (this.lines.length > this.cap) this.shed();
   }
 
-  /** Number of lines so far (use as a mark for `since`). */
+  /** Drops trace lines from the older half, then (if still over) the oldest lines. */
+  private shed(): void {
+    const half = this.lines.length >>> 1;
+    const keepLines: string[] = [];
+    const keepSeqs: number[] = [];
+    for (let i = 0; i < this.lines.length; i++) {
+      const l = this.lines[i]!;
+      if (i < half && isBulkTrace(l)) continue;
+      keepLines.push(l);
+      keepSeqs.push(this.seqs[i]!);
+    }
+    const over = keepLines.length - this.cap;
+    this.lines = over > 0 ? keepLines.slice(over) : keepLines;
+    this.seqs = over > 0 ? keepSeqs.slice(over) : keepSeqs;
+  }
+
+  /** Number of lines written so far (use as a mark for `raw`/`records`). */
   get length(): number {
-    return this.lines.length;
+    return this.next;
   }
 
-  /** Raw lines, optionally only those after `mark`. */
+  /** Raw lines kept, optionally only those written at or after `mark`. */
   raw(mark = 0): string[] {
-    return this.lines.slice(mark);
+    let lo = 0;
+    let hi = this.seqs.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (this.seqs[mid]! < mark) lo = mid + 1;
+      else hi = mid;
+    }
+    return this.lines.slice(lo);
   }
 
   /** Parsed records after `mark` (unparseable lines become `{ msg: line }`). */
@@ -68,7 +108,8 @@ export class LogCapture {
   }
 
   clear(): void {
-    this.lines.length = 0;
+    this.lines = [];
+    this.seqs = [];
   }
 }
 
