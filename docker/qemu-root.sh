@@ -4,11 +4,17 @@
 #
 #   docker/qemu-root.sh setup          build the root once (root only, ~80 s), cached
 #   docker/qemu-root.sh path           print the root's path
-#   docker/qemu-root.sh exec CMD ...   run CMD inside the root, with /proc and /dev
+#   docker/qemu-root.sh exec [--bind HOST[:INNER]]... CMD ...
+#                                      run CMD inside the root, with /proc and /dev
 #                                      mounted in a private mount namespace; as a
 #                                      user other than root, inside a user namespace
 #                                      that maps that user to root (needs unprivileged
-#                                      user namespaces, which Debian allows)
+#                                      user namespaces, which Debian allows).
+#                                      --bind mounts the host directory HOST on INNER
+#                                      (default: the same path) inside the root, in that
+#                                      namespace only; INNER must exist in the root.
+#                                      `--bind /tmp` makes host sockets under /tmp
+#                                      visible to QEMU at the same path.
 #
 # The root lives in $VFIO_USER_QEMU_ROOT (default /var/cache/vfio-user-ts/qemu-root).
 # Paths under the root's /tmp are visible inside at the same path minus the
@@ -49,8 +55,30 @@ case "${1:-}" in
   exec)
     shift
     [ -f "$STAMP" ] || { echo "qemu-root: not set up; run: $0 setup" >&2; exit 1; }
+    # binds are checked here and mounted inside the namespace
+    n=0
+    for arg in "$@"; do
+      case "$n:$arg" in
+        0:--bind) n=1 ;;
+        1:*)
+          host=${arg%%:*}; inner=${arg#*:}; [ "$inner" = "$arg" ] && inner=$host
+          [ -d "$host" ] || { echo "qemu-root: --bind $arg: $host is not a directory" >&2; exit 2; }
+          [ -d "$ROOT$inner" ] || { echo "qemu-root: --bind $arg: $inner does not exist in $ROOT" >&2; exit 2; }
+          n=0 ;;
+        *) break ;;
+      esac
+    done
     if [ "$(id -u)" = 0 ]; then ns=-m; else ns=-rm; fi
-    exec unshare $ns sh -c 'mount --bind /proc "$0/proc" && mount --rbind /dev "$0/dev" && exec chroot "$0" "$@"' "$ROOT" "$@"
+    # shellcheck disable=SC2016
+    exec unshare $ns sh -c '
+      root=$0
+      mount --bind /proc "$root/proc" && mount --rbind /dev "$root/dev" || exit 1
+      while [ "$1" = --bind ]; do
+        host=${2%%:*}; inner=${2#*:}; [ "$inner" = "$2" ] && inner=$host
+        mount --bind "$host" "$root$inner" || exit 1
+        shift 2
+      done
+      exec chroot "$root" "$@"' "$ROOT" "$@"
     ;;
-  *) echo "usage: $0 setup|path|exec CMD..." >&2; exit 2 ;;
+  *) echo "usage: $0 setup|path|exec [--bind HOST[:INNER]]... CMD..." >&2; exit 2 ;;
 esac

@@ -22,6 +22,25 @@ export type {
   VendorCapability,
 } from "./device/api.ts";
 
+// Device options (`--opt key=value`): one schema, checked the same way for every device.
+export {
+  defineOptions,
+  parseOptions,
+  parseSize,
+  formatSize,
+  describeOptions,
+  describeSpec,
+  OptionError,
+  type OptionSchema,
+  type OptionSpec,
+  type OptionValues,
+  type IntegerOption,
+  type BigintOption,
+  type SizeOption,
+  type BooleanOption,
+  type StringOption,
+} from "./device/options.ts";
+
 // Saved-state helpers for saveState / loadState.
 export { readState, StateReader, stateDifference, statesEqual, normalizeState, packState, unpackState } from "./device/state.ts";
 

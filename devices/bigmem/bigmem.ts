@@ -67,13 +67,15 @@
  * of a big BAR cost no resident memory).
  */
 import { constants as bufferConstants } from "node:buffer";
-import type {
-  BarDefinition,
-  Device,
-  DeviceContext,
-  DeviceFactory,
-  DeviceOptions,
-  PrecopyMemory,
+import {
+  defineOptions,
+  parseOptions,
+  type BarDefinition,
+  type Device,
+  type DeviceContext,
+  type DeviceFactory,
+  type DeviceOptions,
+  type PrecopyMemory,
 } from "../../src/index.ts";
 
 /** Register offsets in BAR0. */
@@ -139,24 +141,24 @@ export function fnv1a32(bytes: Uint8Array, hash: number = FNV_BASIS): number {
   return h >>> 0;
 }
 
-const SUFFIX: Record<string, bigint> = { "": 1n, k: 1n << 10n, m: 1n << 20n, g: 1n << 30n, t: 1n << 40n };
-
 /**
- * Parse the `size` option: a decimal or 0x-hex count of bytes with an
- * optional binary suffix K, M, G or T (also KiB/KB etc., any case). Must be
- * a power of two of at least 4096 and allocatable as one Buffer.
+ * `--opt` keys: the size of device memory (BAR2), a power of two of at
+ * least 4096 bytes that one Buffer can hold.
  */
+export const BIGMEM_OPTIONS = defineOptions({
+  size: {
+    type: "size",
+    powerOfTwo: true,
+    min: BigInt(BIGMEM_PAGE_SIZE),
+    max: BigInt(bufferConstants.MAX_LENGTH),
+    default: BIGMEM_DEFAULT_SIZE,
+    description: "device memory (BAR2)",
+  },
+});
+
+/** The `size` option alone: `"64K"` -> 65536n (throws OptionError like `--opt size=...`). */
 export function parseBigmemSize(text: string): bigint {
-  const m = /^\s*(0x[0-9a-f]+|[0-9]+)\s*(?:([kmgt])(?:i?b)?)?\s*$/i.exec(text);
-  if (!m) throw new Error(`bigmem: size "${text}" is not a byte count like 4096, 64K, 256M or 1G`);
-  const size = BigInt(m[1]!) * SUFFIX[(m[2] ?? "").toLowerCase()]!;
-  if (size < BigInt(BIGMEM_PAGE_SIZE) || (size & (size - 1n)) !== 0n) {
-    throw new Error(`bigmem: size "${text}" (${size} bytes) must be a power of two of at least 4096 bytes`);
-  }
-  if (size > BigInt(bufferConstants.MAX_LENGTH)) {
-    throw new Error(`bigmem: size "${text}" exceeds the largest Buffer this Node can allocate (${bufferConstants.MAX_LENGTH} bytes)`);
-  }
-  return size;
+  return parseOptions("bigmem", BIGMEM_OPTIONS, { size: text }).size;
 }
 
 /** The registers: what `saveState` carries. */
@@ -242,10 +244,7 @@ export class BigmemDevice implements Device, PrecopyMemory {
   private intxLine: boolean | undefined = false;
 
   constructor(options: DeviceOptions = {}) {
-    for (const key of Object.keys(options)) {
-      if (key !== "size") throw new Error(`bigmem: unknown option "${key}" (known: size)`);
-    }
-    this.size = options["size"] !== undefined ? parseBigmemSize(options["size"]) : BIGMEM_DEFAULT_SIZE;
+    this.size = parseOptions("bigmem", BIGMEM_OPTIONS, options).size;
     this.pages = Number(this.size / BigInt(BIGMEM_PAGE_SIZE));
     this.dirty = new Uint32Array(Math.ceil(this.pages / 32));
     this.mem = this.allocate();
@@ -719,7 +718,7 @@ function popcount(v: number): number {
 export const bigmemFactory: DeviceFactory = {
   name: "bigmem",
   description:
-    "Large device memory for migration pre-copy tests: BAR2 memory, BAR0 DMA engine, FNV-1a checksum, interrupts " +
-    "(options: size=BYTES with optional K/M/G/T suffix, a power of two >= 4096, default 256M)",
+    "Large device memory for migration pre-copy tests: BAR2 memory, BAR0 DMA engine, FNV-1a checksum, interrupts",
+  options: BIGMEM_OPTIONS,
   create: (options) => new BigmemDevice(options),
 };

@@ -7,7 +7,12 @@
  * Written only against the public device API, as a device developer outside
  * the project would write it.
  */
-import type { BarDefinition, Device, DeviceContext, DeviceFactory, DeviceOptions } from "../../src/index.ts";
+import { defineOptions, parseOptions, type BarDefinition, type Device, type DeviceContext, type DeviceFactory, type DeviceOptions } from "../../src/index.ts";
+
+/** `--opt` keys: the DMA address mask, 28 bits by default like the C device's dma_mask. */
+export const EDU_OPTIONS = defineOptions({
+  "dma-mask": { type: "bigint", min: 1n, max: (1n << 64n) - 1n, default: (1n << 28n) - 1n, description: "DMA addresses the engine accepts (address & ~mask must be 0)" },
+});
 
 const REG_ID = 0x00;
 const REG_LIVENESS = 0x04;
@@ -84,7 +89,7 @@ export class EduDevice implements Device {
   private workScheduled = false;
 
   constructor(options: DeviceOptions = {}) {
-    this.dmaMask = options["dma-mask"] !== undefined ? BigInt(options["dma-mask"]) : (1n << 28n) - 1n;
+    this.dmaMask = parseOptions("edu", EDU_OPTIONS, options)["dma-mask"];
     this.bars = [
       {
         index: 0,
@@ -263,6 +268,7 @@ export class EduDevice implements Device {
 
 export const eduFactory: DeviceFactory = {
   name: "edu",
-  description: "QEMU's edu educational device: factorial, interrupts, DMA (options: dma-mask=N)",
+  description: "QEMU's edu educational device: factorial, interrupts, DMA",
+  options: EDU_OPTIONS,
   create: (options) => new EduDevice(options),
 };

@@ -5,7 +5,7 @@
  * BAR0, 32-bit registers: 0x00 ID (0xc0de0001), 0x04 COUNT, 0x08 ADD (COUNT += value), 0x0c ALARM,
  * 0x10 IRQ_STATUS (write 1 to clear), 0x14/0x18 REPORT_LO/HI (guest address), 0x1c REPORT (bit 0: go).
  */
-import { readState, type BarDefinition, type Device, type DeviceContext, type DeviceFactory, type StateValue } from "../../src/index.ts";
+import { defineOptions, parseOptions, readState, type BarDefinition, type Device, type DeviceContext, type DeviceFactory, type StateValue } from "../../src/index.ts";
 
 export const REG = { ID: 0x00, COUNT: 0x04, ADD: 0x08, ALARM: 0x0c, IRQ_STATUS: 0x10, REPORT_LO: 0x14, REPORT_HI: 0x18, REPORT: 0x1c } as const;
 export const COUNTER_ID = 0xc0de0001;
@@ -137,13 +137,11 @@ export class CounterDevice implements Device {
   }
 }
 
+const options = defineOptions({ start: { type: "integer", min: 0, max: 0xffff_ffff, default: 0, description: "COUNT at power-on" } });
+
 export const counterFactory: DeviceFactory = {
   name: "counter",
-  description: "The tutorial device: a counter with an alarm interrupt and a DMA report (options: start=N)",
-  create(options) {
-    for (const key of Object.keys(options)) if (key !== "start") throw new Error(`unknown option '${key}' (known: start)`);
-    const start = Number(options.start ?? 0);
-    if (!Number.isInteger(start) || start < 0 || start > 0xffff_ffff) throw new Error(`start must be an integer 0..4294967295, got '${options.start}'`);
-    return new CounterDevice(start);
-  },
+  description: "The tutorial device: a counter with an alarm interrupt and a DMA report",
+  options,
+  create: (raw) => new CounterDevice(parseOptions("counter", options, raw).start),
 };

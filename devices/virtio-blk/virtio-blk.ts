@@ -30,7 +30,7 @@
  * (GET_ID, up to 20 bytes), event-idx=off, indirect=off.
  */
 import type { BarDefinition, CapabilitiesDefinition, Device, DeviceContext, DeviceFactory, DeviceOptions, DmaSegment, StateValue } from "../../src/index.ts";
-import { readState } from "../../src/index.ts";
+import { defineOptions, OptionError, parseOptions, readState } from "../../src/index.ts";
 import { BlockFile } from "./block-file.ts";
 import { RingError, type Chain } from "./split-queue.ts";
 import { MSIX_BAR, MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET, VirtioPciTransport } from "./virtio-pci.ts";
@@ -62,52 +62,41 @@ export interface VirtioBlkOptions {
   indirect: boolean;
 }
 
-const KNOWN = ["file", "size", "readonly", "queues", "queue-size", "serial", "event-idx", "indirect"];
-
-function flag(name: string, v: string | undefined, dflt: boolean): boolean {
-  if (v === undefined) return dflt;
-  if (/^(1|on|yes|true)$/i.test(v)) return true;
-  if (/^(0|off|no|false)$/i.test(v)) return false;
-  throw new Error(`virtio-blk: ${name}=${v}: expected on or off`);
-}
-
-function integer(name: string, v: string | undefined, dflt: number, min: number, max: number): number {
-  if (v === undefined) return dflt;
-  const n = /^\d+$/.test(v) ? Number(v) : NaN;
-  if (!Number.isSafeInteger(n) || n < min || n > max) throw new Error(`virtio-blk: ${name}=${v}: expected an integer from ${min} to ${max}`);
-  return n;
-}
-
-const SUFFIX: Record<string, bigint> = { "": 1n, k: 1n << 10n, m: 1n << 20n, g: 1n << 30n, t: 1n << 40n };
+/** `--opt` keys (the shared schema: unknown keys, types and ranges are checked the same way as every device's). */
+export const VIRTIO_BLK_OPTIONS = defineOptions({
+  file: { type: "string", description: "raw image; created with size= when absent" },
+  size: { type: "size", min: 512n, max: BigInt(Number.MAX_SAFE_INTEGER), description: "a multiple of 512; without file=, a scratch disk (default 16M)" },
+  readonly: { type: "boolean", default: false, description: "refuse writes (VIRTIO_BLK_F_RO)" },
+  queues: { type: "integer", min: 1, max: 16, default: 1, description: "request queues" },
+  "queue-size": { type: "integer", min: 2, max: 32768, default: 256, description: "entries per queue, a power of two" },
+  serial: { type: "string", default: "vfio-user-ts", description: `GET_ID string, at most ${VIRTIO_BLK_ID_BYTES} printable ASCII characters` },
+  "event-idx": { type: "boolean", default: true, description: "offer VIRTIO_RING_F_EVENT_IDX" },
+  indirect: { type: "boolean", default: true, description: "offer VIRTIO_RING_F_INDIRECT_DESC" },
+});
 
 /** A byte count like 512, 64K, 256M, 2G: a positive multiple of 512. */
 export function parseDiskSize(text: string): bigint {
-  const m = /^\s*(0x[0-9a-f]+|[0-9]+)\s*(?:([kmgt])(?:i?b)?)?\s*$/i.exec(text);
-  if (!m) throw new Error(`virtio-blk: size=${text} is not a byte count like 512, 64K, 256M or 2G`);
-  const size = BigInt(m[1]!) * SUFFIX[(m[2] ?? "").toLowerCase()]!;
-  if (size <= 0n || size % BigInt(SECTOR_SIZE) !== 0n) throw new Error(`virtio-blk: size=${text} must be a positive multiple of 512 bytes`);
-  if (size > BigInt(Number.MAX_SAFE_INTEGER)) throw new Error(`virtio-blk: size=${text} is too large`);
-  return size;
+  return parseVirtioBlkOptions({ size: text }).size!;
 }
 
 export function parseVirtioBlkOptions(o: DeviceOptions): VirtioBlkOptions {
-  const stray = Object.keys(o).filter((k) => !KNOWN.includes(k));
-  if (stray.length > 0) throw new Error(`virtio-blk: unknown option${stray.length > 1 ? "s" : ""} ${stray.join(", ")} (known: ${KNOWN.join(", ")})`);
-  const queueSize = integer("queue-size", o["queue-size"], 256, 2, 32768);
-  if ((queueSize & (queueSize - 1)) !== 0) throw new Error(`virtio-blk: queue-size=${queueSize} is not a power of two`);
-  const serial = o.serial ?? "vfio-user-ts";
+  const v = parseOptions("virtio-blk", VIRTIO_BLK_OPTIONS, o);
+  const queueSize = v["queue-size"];
+  if ((queueSize & (queueSize - 1)) !== 0) throw new OptionError(`virtio-blk: queue-size=${queueSize}: not a power of two`);
+  if (v.size !== undefined && v.size % BigInt(SECTOR_SIZE) !== 0n) throw new OptionError(`virtio-blk: size=${o.size}: not a multiple of 512 bytes`);
+  const serial = v.serial;
   if (Buffer.byteLength(serial) > VIRTIO_BLK_ID_BYTES || !/^[\x20-\x7e]*$/.test(serial)) {
-    throw new Error(`virtio-blk: serial=${serial}: at most ${VIRTIO_BLK_ID_BYTES} printable ASCII characters`);
+    throw new OptionError(`virtio-blk: serial=${serial}: at most ${VIRTIO_BLK_ID_BYTES} printable ASCII characters`);
   }
   return {
-    file: o.file,
-    size: o.size !== undefined ? parseDiskSize(o.size) : undefined,
-    readonly: flag("readonly", o.readonly, false),
-    queues: integer("queues", o.queues, 1, 1, 16),
+    file: v.file,
+    size: v.size,
+    readonly: v.readonly,
+    queues: v.queues,
     queueSize,
     serial,
-    eventIdx: flag("event-idx", o["event-idx"], true),
-    indirect: flag("indirect", o.indirect, true),
+    eventIdx: v["event-idx"],
+    indirect: v.indirect,
   };
 }
 
@@ -636,6 +625,7 @@ export class VirtioBlkDevice implements Device {
 export const virtioBlkFactory: DeviceFactory = {
   name: "virtio-blk",
   description:
-    "virtio 1.x block device for Linux's virtio_blk (options: file=PATH, size=BYTES, readonly=on, queues=N, queue-size=N, serial=S, event-idx=off, indirect=off)",
+    "virtio 1.x block device for Linux's virtio_blk",
+  options: VIRTIO_BLK_OPTIONS,
   create: (options) => new VirtioBlkDevice(options),
 };

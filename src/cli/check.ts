@@ -4,14 +4,15 @@
  * FAIL (and why), then a summary. Exit status 0 when every check passed,
  * 1 when one failed, 2 for a usage error (unknown device, bad option).
  */
-import { parseArgs } from "node:util";
 import { DEVICES } from "../../devices/index.ts";
 import { CHECKS } from "../compliance/checks.ts";
 import { formatCheckResult, runCompliance } from "../compliance/runner.ts";
 import type { DeviceFactory, DeviceOptions } from "../device/api.ts";
 import { createLogger, silentLogger } from "../log.ts";
+import { createDevice, resolveDevice } from "./device-module.ts";
+import { checkLevel, deviceOptionArgs, parseCommandArgs, UsageError } from "./usage.ts";
 
-export const CHECK_USAGE = `Usage: vfio-user-ts check --device NAME [options]
+export const CHECK_USAGE = `Usage: vfio-user-ts check --device NAME|PATH [options]
 
 Runs the compliance suite every device must pass: config space identity and
 capability list, BAR sizing, the command register, reset to power-on, state
@@ -20,7 +21,8 @@ pre-copy). Each check talks to real servers over the vfio-user protocol, on
 sockets in a temporary directory; no QEMU is needed.
 
 Options:
-  --device NAME        device to check (see 'vfio-user-ts devices')
+  --device NAME|PATH   device to check (see 'vfio-user-ts devices'), or your
+                       module (./my-device.js) exporting a DeviceFactory
   --opt KEY=VALUE      device option, repeatable (e.g. --opt size=1M)
   --only ID            run only this check, repeatable (see --list)
   --list               list the checks and exit
@@ -29,23 +31,6 @@ Options:
   -h, --help           this text
 
 Exit status: 0 when every check passed, 1 when one failed, 2 on a usage error.`;
-
-const LEVELS = ["fatal", "error", "warn", "info", "debug", "trace", "silent"] as const;
-type Level = (typeof LEVELS)[number];
-
-class CheckUsageError extends Error {}
-
-function parseDeviceOptions(list: readonly string[] | undefined): DeviceOptions {
-  const out: Record<string, string> = {};
-  for (const item of list ?? []) {
-    const eq = item.indexOf("=");
-    if (eq <= 0) throw new CheckUsageError(`--opt takes KEY=VALUE, got '${item}'`);
-    const key = item.slice(0, eq);
-    if (Object.hasOwn(out, key)) throw new CheckUsageError(`--opt ${key} given twice`);
-    out[key] = item.slice(eq + 1);
-  }
-  return out;
-}
 
 function describeOptions(o: DeviceOptions): string {
   const keys = Object.keys(o);
@@ -63,25 +48,15 @@ const consoleIo: CheckIo = { out: (l) => console.log(l), err: (l) => console.err
 /** Runs `check` with `argv` (the words after "check"); `devices` is the registry to pick from. */
 export async function checkCommand(argv: string[], io: CheckIo = consoleIo, devices: readonly DeviceFactory[] = DEVICES): Promise<number> {
   try {
-    let values;
-    try {
-      ({ values } = parseArgs({
-        args: argv,
-        options: {
-          device: { type: "string" },
-          opt: { type: "string", multiple: true },
-          only: { type: "string", multiple: true },
-          list: { type: "boolean", default: false },
-          verbose: { type: "boolean", short: "v", default: false },
-          "log-level": { type: "string", default: "silent" },
-          help: { type: "boolean", short: "h", default: false },
-        },
-        strict: true,
-        allowPositionals: false,
-      }));
-    } catch (err) {
-      throw new CheckUsageError((err as Error).message);
-    }
+    const { values } = parseCommandArgs("check", argv, {
+      device: { type: "string" },
+      opt: { type: "string", multiple: true },
+      only: { type: "string", multiple: true },
+      list: { type: "boolean", default: false },
+      verbose: { type: "boolean", short: "v", default: false },
+      "log-level": { type: "string", default: "silent" },
+      help: { type: "boolean", short: "h", default: false },
+    });
     if (values.help) {
       io.out(CHECK_USAGE);
       return 0;
@@ -91,20 +66,15 @@ export async function checkCommand(argv: string[], io: CheckIo = consoleIo, devi
       for (const c of CHECKS) io.out(`${c.id.padEnd(width)}  ${c.title}`);
       return 0;
     }
-    if (!values.device) throw new CheckUsageError("check needs --device NAME");
-    const factory = devices.find((d) => d.name === values.device);
-    if (!factory) throw new CheckUsageError(`unknown device '${values.device}'; known: ${devices.map((d) => d.name).join(", ")}`);
-    const level = values["log-level"] as Level;
-    if (!LEVELS.includes(level)) throw new CheckUsageError(`--log-level must be one of ${LEVELS.join(", ")}`);
+    if (!values.device) throw new UsageError("check needs --device NAME|PATH", "check");
+    const { factory } = await resolveDevice(values.device, "check", devices);
+    const level = checkLevel(values["log-level"], "check");
     const only = values.only ?? [];
     const unknown = only.filter((id) => !CHECKS.some((c) => c.id === id));
-    if (unknown.length > 0) throw new CheckUsageError(`unknown check '${unknown[0]}'; known: ${CHECKS.map((c) => c.id).join(", ")}`);
-    const options = parseDeviceOptions(values.opt);
-    try {
-      factory.create(options);
-    } catch (err) {
-      throw new CheckUsageError(`device '${factory.name}': ${(err as Error).message}`);
-    }
+    if (unknown.length > 0) throw new UsageError(`unknown check '${unknown[0]}'; known: ${CHECKS.map((c) => c.id).join(", ")}`, "check");
+    const options = deviceOptionArgs(values.opt, "check");
+    // bad options fail here, as a usage error; the device is let go at once
+    await createDevice(factory, options, "check").dispose?.();
 
     io.out(`vfio-user-ts check: device '${factory.name}', ${describeOptions(options)}`);
     const log = level === "silent" ? silentLogger() : createLogger({ level, pretty: false });
@@ -119,9 +89,8 @@ export async function checkCommand(argv: string[], io: CheckIo = consoleIo, devi
     if (failed.length > 0) io.out(`FAILED: ${failed.map((r) => r.id).join(", ")}`);
     return failed.length === 0 ? 0 : 1;
   } catch (err) {
-    if (err instanceof CheckUsageError) {
-      io.err(`vfio-user-ts: ${err.message}`);
-      io.err("Try 'vfio-user-ts check --help'.");
+    if (err instanceof UsageError) {
+      for (const line of err.lines()) io.err(line);
       return 2;
     }
     throw err;

@@ -22,44 +22,29 @@
  * the end and the temp dir is removed.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, rmSync, statSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
-import { parseArgs } from "node:util";
 import { BigmemReg, fnv1a32, CMD_IRQ, CMD_START, DMA_TO_GUEST, IRQ_DMA, STATUS_CSUM_BUSY, STATUS_DMA_BUSY, STATUS_DMA_ERROR } from "../../devices/bigmem/bigmem.ts";
 import { IrqIndex, MigState } from "../../protocol/constants.ts";
 import { closeFd, createEventfd, readEventfd, VfioUserClient, waitEventfd } from "../client/client.ts";
 import { GuestMemory } from "../client/guest-memory.ts";
-import { MigrationDriver, type MigrationResult, type RoundStats } from "../client/migration-driver.ts";
-import { UsageError } from "./main.ts";
+import { MigrationDriver, type MigrationProgress, type MigrationResult, type RoundStats } from "../client/migration-driver.ts";
+import type { DeviceOptions } from "../device/api.ts";
+import { formatSize, OptionError, parseSize } from "../device/options.ts";
+import { RecordKind, StateStreamReader } from "../migration/state-stream.ts";
+import { statesEqual, stateDifference } from "../device/state.ts";
+import { bytes, inUnit, mbps, reportChart, reportSvg, reportTable } from "./demo-report.ts";
+import { resolveDevice } from "./device-module.ts";
+import { onInterrupt } from "./io.ts";
+import { CLI_SCRIPT } from "./self.ts";
+import { deviceOptionArgs, deviceOptionList, parseCommandArgs, UsageError } from "./usage.ts";
 
-const CLI = fileURLToPath(new URL("./vfio-user-ts.mjs", import.meta.url));
 const BAR0 = 0;
 const BAR2 = 2;
 const PAGE = 4096;
 /** Where guest RAM sits in the IOVA space: above 4 GiB, so DMA addresses are really 64-bit. */
 export const RAM_IOVA = 0x1_0000_0000n;
-
-// ---------------------------------------------------------------------------
-// Sizes
-// ---------------------------------------------------------------------------
-
-const UNITS: Record<string, bigint> = { "": 1n, k: 1n << 10n, m: 1n << 20n, g: 1n << 30n };
-
-/** "64M", "1G", "4096", "0x1000" -> bytes. */
-export function parseSize(text: string): bigint {
-  const m = /^\s*(0x[0-9a-f]+|[0-9]+)\s*(?:([kmg])(?:i?b)?)?\s*$/i.exec(text);
-  if (!m) throw new Error(`'${text}' is not a size like 64M or 1G`);
-  return BigInt(m[1]!) * UNITS[(m[2] ?? "").toLowerCase()]!;
-}
-
-/** Bytes for people: MiB with one decimal, KiB below 1 MiB. */
-export function mib(bytes: number | bigint): string {
-  const n = Number(bytes);
-  if (n > 0 && n < 1 << 20) return `${(n / 1024).toFixed(1)} KiB`;
-  return `${(n / (1 << 20)).toFixed(1)} MiB`;
-}
 
 // ---------------------------------------------------------------------------
 // Server processes
@@ -90,7 +75,7 @@ export interface SpawnServerOptions {
 /** Starts `vfio-user-ts serve` as a child process and waits for its socket. */
 export async function spawnServer(opts: SpawnServerOptions): Promise<ServerProcess> {
   const socket = join(opts.dir, `${opts.name}.sock`);
-  const args = [CLI, "serve", "--device", opts.device, "--socket", socket, "--log-format", "json", "--log-level", opts.logLevel ?? "warn"];
+  const args = [CLI_SCRIPT, "serve", "--device", opts.device, "--socket", socket, "--log-format", "json", "--log-level", opts.logLevel ?? "warn"];
   for (const o of opts.deviceOptions ?? []) args.push("--opt", o);
   if (opts.p2p) args.push("--p2p");
   const child = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "pipe"] });
@@ -404,7 +389,7 @@ export async function compareAtSwitchover(src: BigmemGuest, dst: BigmemGuest, sp
   checks.push({ name: "config space", ok: firstDiff < 0, detail: firstDiff < 0 ? "256 bytes equal" : `differs at 0x${firstDiff.toString(16)}` });
 
   const page = src.ram.firstDifference(dst.ram);
-  checks.push({ name: "guest RAM", ok: page < 0, detail: page < 0 ? `${mib(src.ram.size)} equal byte for byte` : `page ${page} differs` });
+  checks.push({ name: "guest RAM", ok: page < 0, detail: page < 0 ? `${bytes(src.ram.size)} equal byte for byte` : `page ${page} differs` });
 
   const pages = Number(src.memSize / BigInt(PAGE));
   const rng = new Rng(0xc0ffee);
@@ -422,13 +407,13 @@ export async function compareAtSwitchover(src: BigmemGuest, dst: BigmemGuest, sp
 /** bigmem's checksum engine over all device memory on both sides (both must be RUNNING). */
 export async function compareChecksums(src: BigmemGuest, dst: BigmemGuest): Promise<Check> {
   const [a, b] = await Promise.all([src.checksum(), dst.checksum()]);
-  return { name: "device memory checksum", ok: a === b, detail: `FNV-1a 0x${a.toString(16).padStart(8, "0")} ${a === b ? "==" : "!="} 0x${b.toString(16).padStart(8, "0")} over ${mib(src.memSize)}` };
+  return { name: "device memory checksum", ok: a === b, detail: `FNV-1a 0x${a.toString(16).padStart(8, "0")} ${a === b ? "==" : "!="} 0x${b.toString(16).padStart(8, "0")} over ${bytes(src.memSize)}` };
 }
 
 /** The device works: a DMA each way, the done interrupt through MSI. */
 export async function checkDeviceWorks(g: BigmemGuest, label: string): Promise<Check> {
   const problems: string[] = [];
-  const len = 4 * PAGE;
+  const len = Math.min(4 * PAGE, Number(g.memSize), Number(g.ram.size));
   const devAt = g.memSize - BigInt(len);
   const guestAt = Number(g.ram.size) - len;
   // guest RAM -> device memory
@@ -438,7 +423,7 @@ export async function checkDeviceWorks(g: BigmemGuest, label: string): Promise<C
   if (!(await g.dma(guestAt, devAt, len, false))) problems.push("DMA to device failed");
   if (!(await g.readMemory(devAt, len)).equals(pattern)) problems.push("device memory does not hold the DMAed pattern");
   // device memory -> guest RAM, with the done interrupt
-  await g.writeMemory(devAt, Buffer.alloc(PAGE, 0x3c));
+  await g.writeMemory(devAt, Buffer.alloc(Math.min(PAGE, len), 0x3c));
   if (g.msiFd >= 0) readEventfd(g.msiFd); // drop anything stale
   if (!(await g.dma(guestAt, devAt, len, true, { irq: true }))) problems.push("DMA to guest failed");
   const expect = await g.readMemory(devAt, len);
@@ -470,6 +455,81 @@ export async function checksumByReads(g: BigmemGuest): Promise<number> {
 }
 
 // ---------------------------------------------------------------------------
+// Any device: exercise, migrate, compare the two streams
+// ---------------------------------------------------------------------------
+
+const CONFIG = 7;
+
+/**
+ * What the guest does to a device it knows nothing about (as the compliance
+ * suite does): memory space and bus mastering on, MSI on when it has it,
+ * and one value written to every dword of the first KiB of each memory BAR.
+ */
+async function exerciseDevice(client: VfioUserClient): Promise<string> {
+  await client.enableDevice({ memory: true, busMaster: true });
+  const msi = await client.enableMsi();
+  let dwords = 0;
+  const bars: number[] = [];
+  for (let i = 0; i < 6; i++) {
+    const info = await client.regionInfo(i);
+    if (info.size < 4n) continue;
+    bars.push(i);
+    const span = Math.min(1024, Number(info.size));
+    for (let off = 0; off + 4 <= span; off += 4) {
+      await client.writeU32(i, off, (0x5a000000 | (i << 16) | off) >>> 0);
+      dwords++;
+    }
+  }
+  return `memory + bus master on${msi ? ", MSI on" : ""}; ${dwords} dwords written in BAR${bars.length === 1 ? "" : "s"} ${bars.join(", ") || "(none)"}`;
+}
+
+/** A device's state stream as it would leave now: STOP -> STOP_COPY, read to the end, -> STOP. */
+async function streamNow(client: VfioUserClient): Promise<{ header: unknown; states: unknown[]; pages: Map<string, string>; bytes: number }> {
+  await client.setMigState(MigState.STOP_COPY);
+  const { createHash } = await import("node:crypto");
+  const pages = new Map<string, string>();
+  const reader = new StateStreamReader({
+    onRecord: (r) => {
+      if (r.kind !== RecordKind.MEMORY) return;
+      for (let at = 0; at < r.bytes.length; at += PAGE) {
+        pages.set((r.offset + BigInt(at)).toString(16), createHash("sha1").update(r.bytes.subarray(at, at + PAGE)).digest("hex"));
+      }
+    },
+  });
+  const states: unknown[] = [];
+  const collect = new StateStreamReader();
+  let total = 0;
+  for (;;) {
+    const data = await client.migDataRead();
+    if (data.length === 0) break;
+    total += data.length;
+    reader.push(data);
+    // STATE records are small: a second reader keeps them (MEMORY would be kept too, so only while small)
+    if (total <= 16 << 20) collect.push(data);
+  }
+  await client.setMigState(MigState.STOP);
+  const decoded = reader.finish();
+  if (total <= 16 << 20) states.push(...collect.finish().states);
+  return { header: decoded.header, states, pages, bytes: total };
+}
+
+async function compareStreams(src: VfioUserClient, dst: VfioUserClient): Promise<Check> {
+  const [a, b] = [await streamNow(src), await streamNow(dst)];
+  const problems: string[] = [];
+  if (!statesEqual(a.header, b.header)) problems.push(`headers differ: ${stateDifference(a.header, b.header)}`);
+  if (a.states.length !== b.states.length) problems.push(`${a.states.length} STATE records vs ${b.states.length}`);
+  a.states.forEach((s, i) => {
+    const d = stateDifference(s, b.states[i]);
+    if (d !== null) problems.push(`STATE record ${i + 1}: ${d}`);
+  });
+  let pageDiff = 0;
+  for (const [off, h] of a.pages) if (b.pages.get(off) !== h) pageDiff++;
+  if (a.pages.size !== b.pages.size || pageDiff > 0) problems.push(`device memory: ${pageDiff} of ${a.pages.size} pages differ (${b.pages.size} on the destination)`);
+  const what = `${a.states.length} STATE record${a.states.length === 1 ? "" : "s"} (config space, MSI-X, saveState)${a.pages.size > 0 ? ` and ${a.pages.size} memory pages` : ""}, ${bytes(a.bytes)} each side`;
+  return { name: "device state", ok: problems.length === 0, detail: problems.length === 0 ? `${what}: equal` : problems.join("; ") };
+}
+
+// ---------------------------------------------------------------------------
 // The demo
 // ---------------------------------------------------------------------------
 
@@ -477,21 +537,30 @@ export async function checksumByReads(g: BigmemGuest): Promise<number> {
 export const DEMO_THRESHOLD = 1 << 20;
 
 export interface DemoOptions {
-  /** Device memory (bigmem size option), default "256M". */
+  /** --device: a shipped device's name or a module path (default "bigmem"). */
+  device?: string;
+  /** --opt items for the device. */
+  deviceOptions?: DeviceOptions;
+  /** bigmem's device memory (its size option), default "256M". */
   size?: string;
   /** Guest RAM per side in bytes, default 64 MiB. */
   ram?: bigint;
   p2p?: boolean;
   maxRounds?: number;
   thresholdBytes?: number;
-  /** Run the workload during pre-copy (default true). */
+  /** Run the workload during pre-copy (bigmem; default true). */
   workload?: boolean;
+  /** Write the per-round chart here as SVG. */
+  svg?: string;
   /** Progress lines (default: console.log). */
   print?: (line: string) => void;
+  /** Live progress within a round, overwritten in place (default: on a terminal only). */
+  progress?: (line: string | null) => void;
 }
 
 export interface DemoResult {
   ok: boolean;
+  device: string;
   deviceSize: bigint;
   ramSize: bigint;
   migration: MigrationResult | null;
@@ -500,166 +569,326 @@ export interface DemoResult {
   error?: Error;
 }
 
+/** A progress line rewritten in place on a terminal (`null` clears it). */
+function terminalProgress(): ((line: string | null) => void) | undefined {
+  if (!process.stdout.isTTY) return undefined;
+  let shown = false;
+  return (line) => {
+    if (line === null) {
+      if (shown) process.stdout.write("\r\x1b[K");
+      shown = false;
+      return;
+    }
+    process.stdout.write(`\r\x1b[K${line.slice(0, (process.stdout.columns ?? 100) - 1)}`);
+    shown = true;
+  };
+}
+
 export async function runDemoMigrate(opts: DemoOptions = {}): Promise<DemoResult> {
   const print = opts.print ?? ((l: string) => console.log(l));
-  const sizeText = opts.size ?? "256M";
+  const progress = opts.progress ?? (opts.print ? undefined : terminalProgress());
+  const say = (line: string) => {
+    progress?.(null);
+    print(line);
+  };
+  const deviceSpec = opts.device ?? "bigmem";
+  const isBigmem = deviceSpec === "bigmem";
+  const deviceOptions: DeviceOptions = isBigmem ? { size: opts.size ?? "256M", ...opts.deviceOptions } : { ...opts.deviceOptions };
   const ramSize = opts.ram ?? 64n << 20n;
   const dir = mkdtempSync(join(tmpdir(), "vfio-user-migrate-"));
   const servers: ServerProcess[] = [];
   const clients: VfioUserClient[] = [];
   const rams: GuestMemory[] = [];
   const guests: BigmemGuest[] = [];
-  const result: DemoResult = { ok: false, deviceSize: 0n, ramSize, migration: null, checks: [], workload: null };
-  try {
-    const common = { dir, device: "bigmem", deviceOptions: [`size=${sizeText}`], p2p: opts.p2p };
-    const spawned = await Promise.allSettled([spawnServer({ ...common, name: "source" }), spawnServer({ ...common, name: "destination" })]);
-    for (const s of spawned) if (s.status === "fulfilled") servers.push(s.value);
-    for (const s of spawned) if (s.status === "rejected") throw s.reason;
-    const [srcServer, dstServer] = servers as [ServerProcess, ServerProcess];
-    print(`servers: source pid ${srcServer.child.pid}, destination pid ${dstServer.child.pid} (sockets in ${dir})`);
-    for (const s of servers) {
-      const c = await VfioUserClient.connect(s.socket, { connectTimeoutMs: 5000 });
-      clients.push(c);
-      await c.negotiate();
-      const ram = GuestMemory.create(ramSize, { iova: RAM_IOVA, name: `guest-ram-${s.name}` });
-      rams.push(ram);
-      guests.push(new BigmemGuest(c, ram));
-    }
-    const [src, dst] = guests as [BigmemGuest, BigmemGuest];
-    await src.probe();
-    await src.wireMsi();
-    // the destination VMM maps its RAM; config space (memory, bus master, MSI) comes with the device state
-    await dst.probe({ enable: false });
-    result.deviceSize = src.memSize;
-    print(`device: bigmem, ${mib(src.memSize)} of device memory; guest RAM ${mib(ramSize)} per side at IOVA 0x${RAM_IOVA.toString(16)}`);
-
-    let t = performance.now();
-    await src.fillFromGuest();
-    src.ram.randomize(0, Number(ramSize));
-    print(`guest: device memory filled by DMA from guest RAM (${(performance.now() - t).toFixed(0)} ms)`);
-
-    const workload = new Workload(src);
-    if (opts.workload ?? true) workload.start();
-    const driver = new MigrationDriver(
-      { client: src.client, ram: src.ram },
-      { client: dst.client, ram: dst.ram },
-      {
-        maxRounds: opts.maxRounds,
-        thresholdBytes: opts.thresholdBytes ?? DEMO_THRESHOLD,
-        stopVm: () => workload.stop(),
-        // as QEMU restores MSI when it loads config space: wire the eventfd before the device runs
-        beforeDestinationRunning: async () => {
-          await dst.wireMsi(false);
-        },
-        onRound: (r: RoundStats) =>
-          print(
-            `pre-copy round ${r.round}: device ${mib(r.deviceBytes)} (initial ${mib(r.initialBytes)}, dirty ${mib(r.dirtyBytes)}), ` +
-              `guest ${r.guestPages} pages, ${r.elapsedMs.toFixed(0)} ms`,
-          ),
-      },
-    );
-    const attach = await driver.attach();
-    print(
-      `migration: source offers ${attach.source.preCopy ? "PRE_COPY" : "no PRE_COPY"}${attach.source.p2p ? " + P2P" : ""}, ` +
-        `device dirty tracking ${attach.source.dirtyTracking ? "yes" : "no"}; switch-over at <= ${mib(opts.thresholdBytes ?? DEMO_THRESHOLD)} remaining`,
-    );
-    t = performance.now();
-    const m = await driver.run();
-    result.migration = m;
-    result.workload = { ...workload.stats };
-    print(
-      `switch-over: stop-copy ${mib(m.stopCopyDeviceBytes)} of device state, ${m.finalGuestPages} guest pages; ` +
-        `destination RUNNING after ${m.downtimeMs.toFixed(1)} ms downtime (total ${(performance.now() - t).toFixed(0)} ms)`,
-    );
-
-    // ---- verification ----
-    if ((await src.client.getMigState()) !== MigState.STOP) throw new Error("the source is not stopped after switch-over");
-    result.checks.push(...(await compareAtSwitchover(src, dst)));
-    // the checksum engine needs a running device: resume the source (idle, nothing drives it)
-    await src.client.setMigState(MigState.RUNNING);
-    result.checks.push(await compareChecksums(src, dst));
-    result.checks.push(await checkDeviceWorks(dst, "destination device"));
-    result.ok = result.checks.every((c) => c.ok);
-
-    print("");
-    print("summary");
-    print(`  device memory     ${mib(result.deviceSize)} (bigmem), guest RAM ${mib(ramSize)} per side, P2P ${m.p2p ? "yes" : "no"}`);
-    print(`  pre-copy rounds   ${m.rounds.length}: ${m.rounds.map((r) => mib(r.deviceBytes)).join(", ")} of device state`);
-    print(`  bytes moved       device ${mib(m.deviceBytes)} + guest RAM ${mib(m.guestBytes)} = ${mib(m.totalBytes)}`);
-    const resent = Math.max(0, m.deviceBytes - Number(m.rounds[0]?.initialBytes ?? m.stopCopyEstimate));
-    print(`  dirty pages       guest ${m.dirtyGuestPages} after the first pass (${m.finalGuestPages} in the downtime); ` +
-      `device ${mib(resent)} (~${Math.round(resent / PAGE)} pages) re-sent after its first pass`);
-    print(`  workload          ${result.workload.ops} ops: ${result.workload.mmioWrites} MMIO, ${result.workload.cpuWrites} CPU stores, ${result.workload.dmaToDevice} + ${result.workload.dmaToGuest} DMAs`);
-    const d = m.downtime;
-    print(`  downtime          ${m.downtimeMs.toFixed(1)} ms (STOP_COPY request to destination RUNNING): ` +
-      `stop ${d.stopCopyMs.toFixed(1)}, drain ${d.drainMs.toFixed(1)}, guest pages ${d.guestMs.toFixed(1)}, ` +
-      `destination load ${d.loadMs.toFixed(1)}, start ${d.startMs.toFixed(1)} ms`);
-    for (const c of result.checks) print(`  ${c.ok ? "ok  " : "FAIL"} ${c.name.padEnd(26)} ${c.detail}`);
-    print(result.ok ? "migration verified" : "VERIFICATION FAILED");
-  } catch (err) {
-    result.error = err as Error;
-    result.ok = false;
-    print(`demo failed: ${(err as Error).message}`);
-    for (const s of servers) {
-      const out = s.output().trim();
-      if (out) print(`--- ${s.name} server output ---\n${out.split("\n").slice(-20).join("\n")}`);
-    }
-  } finally {
+  const result: DemoResult = { ok: false, device: deviceSpec, deviceSize: 0n, ramSize, migration: null, checks: [], workload: null };
+  let phase = "starting the servers";
+  let released = false;
+  const release = async () => {
+    if (released) return;
+    released = true;
     for (const g of guests) g.close();
     for (const c of clients) c.close();
     for (const r of rams) r.close();
     await Promise.all(servers.map((s) => s.stop()));
     rmSync(dir, { recursive: true, force: true });
+  };
+  const offInterrupt = onInterrupt(() => `demo migrate (${phase}); stopping both servers and removing ${dir}`, release);
+  // a second Ctrl-C exits at once: the servers and the directory go anyway
+  const atExit = () => {
+    for (const sv of servers) sv.child.kill("SIGKILL");
+    rmSync(dir, { recursive: true, force: true });
+  };
+  process.once("exit", atExit);
+  try {
+    const common = { dir, device: deviceSpec, deviceOptions: deviceOptionList(deviceOptions), p2p: opts.p2p };
+    const spawned = await Promise.allSettled([spawnServer({ ...common, name: "source" }), spawnServer({ ...common, name: "destination" })]);
+    for (const sp of spawned) if (sp.status === "fulfilled") servers.push(sp.value);
+    for (const sp of spawned) if (sp.status === "rejected") throw sp.reason;
+    const [srcServer, dstServer] = servers as [ServerProcess, ServerProcess];
+    say(`servers: source pid ${srcServer.child.pid}, destination pid ${dstServer.child.pid} (sockets in ${dir})`);
+    for (const sv of servers) {
+      const c = await VfioUserClient.connect(sv.socket, { connectTimeoutMs: 5000 });
+      clients.push(c);
+      await c.negotiate();
+      const ram = GuestMemory.create(ramSize, { iova: RAM_IOVA, name: `guest-ram-${sv.name}` });
+      rams.push(ram);
+    }
+    const [srcClient, dstClient] = clients as [VfioUserClient, VfioUserClient];
+    const [srcRam, dstRam] = rams as [GuestMemory, GuestMemory];
+    let workload: Workload | null = null;
+    let msiFd = -1;
+    let t = performance.now();
+    phase = "setting up the guest";
+    if (isBigmem) {
+      guests.push(new BigmemGuest(srcClient, srcRam), new BigmemGuest(dstClient, dstRam));
+      const [src, dst] = guests as [BigmemGuest, BigmemGuest];
+      await src.probe();
+      await src.wireMsi();
+      // the destination VMM maps its RAM; config space (memory, bus master, MSI) comes with the device state
+      await dst.probe({ enable: false });
+      result.deviceSize = src.memSize;
+      say(`device: bigmem, ${bytes(src.memSize)} of device memory; guest RAM ${bytes(ramSize)} per side at IOVA 0x${RAM_IOVA.toString(16)}`);
+      await src.fillFromGuest();
+      src.ram.randomize(0, Number(ramSize));
+      say(`guest: device memory filled by DMA from guest RAM (${(performance.now() - t).toFixed(0)} ms)`);
+      workload = new Workload(src);
+      if (opts.workload ?? true) workload.start();
+    } else {
+      await srcRam.mapInto(srcClient);
+      await dstRam.mapInto(dstClient);
+      const info = await srcClient.deviceInfo();
+      const id = (await srcClient.regionRead(CONFIG, 0, 4)).readUInt32LE(0);
+      say(`device: ${deviceSpec} (PCI ${(id & 0xffff).toString(16).padStart(4, "0")}:${(id >>> 16).toString(16).padStart(4, "0")}, ${info.num_regions} regions); guest RAM ${bytes(ramSize)} per side`);
+      srcRam.randomize(0, Number(ramSize));
+      say(`guest: ${await exerciseDevice(srcClient)}`);
+      if (await srcClient.findCapability(0x05).then((c) => c >= 0)) {
+        msiFd = createEventfd();
+        await srcClient.setIrqEventfds(IrqIndex.MSI, 0, [msiFd]);
+      }
+    }
+
+    let compared: Check | null = null;
+    let compareMs = 0;
+    let lastProgress = 0;
+    let roundStart = performance.now();
+    const pending: RoundStats[] = [];
+    const roundLine = (r: RoundStats, next: { dirtyBytes: bigint; guestPages: number } | null): string => {
+      const moved = r.deviceBytes + r.guestPages * PAGE;
+      const u = inUnit([moved, r.deviceBytes, r.guestPages * PAGE, Number(next?.dirtyBytes ?? 0)]);
+      const [all, dev, guest, dirty] = u.figures;
+      const dirt = next ? `dirtied meanwhile and sent next: device ${dirty}, guest ${next.guestPages} pages` : "what it left dirty goes in stop-copy";
+      return `round ${r.round} (${u.unit}): sent ${all} = device ${dev} + guest RAM ${guest} (${r.guestPages} pages) in ${r.elapsedMs.toFixed(0)} ms, ${mbps(moved, r.elapsedMs)} MB/s; ${dirt}`;
+    };
+    const driver = new MigrationDriver(
+      { client: srcClient, ram: srcRam },
+      { client: dstClient, ram: dstRam },
+      {
+        maxRounds: opts.maxRounds,
+        thresholdBytes: opts.thresholdBytes ?? DEMO_THRESHOLD,
+        stopVm: async () => {
+          phase = "switch-over";
+          await workload?.stop();
+        },
+        // the destination holds the loaded state and has not run yet: as QEMU restores MSI, wire the eventfd now
+        beforeDestinationRunning: async () => {
+          if (isBigmem) {
+            await guests[1]!.wireMsi(false);
+            return;
+          }
+          const t1 = performance.now();
+          compared = await compareStreams(srcClient, dstClient);
+          compareMs = performance.now() - t1;
+        },
+        onProgress: (p: MigrationProgress) => {
+          const now = performance.now();
+          if (now - lastProgress < 250) return;
+          lastProgress = now;
+          const of = p.budgetBytes > 0 ? ` of ${bytes(p.budgetBytes)}` : "";
+          const line = `${p.phase === "precopy" ? `round ${p.round}` : "stop-copy"}: device ${bytes(p.deviceBytes)}${of}, ${mbps(p.deviceBytes, p.elapsedMs)} MB/s, guest ${p.guestPages} pages, ${(p.elapsedMs / 1000).toFixed(1)} s`;
+          if (progress) progress(line);
+          else if (p.elapsedMs > 2000 && now - roundStart > 1000) {
+            roundStart = now;
+            print(`  ... ${line}`);
+          }
+        },
+        onRound: (r: RoundStats) => {
+          phase = `pre-copy round ${r.round + 1}`;
+          roundStart = performance.now();
+          const prev = pending.pop();
+          if (prev) say(roundLine(prev, { dirtyBytes: r.dirtyBytes, guestPages: r.guestPages }));
+          pending.push(r);
+        },
+      },
+    );
+    phase = "attaching the migration driver";
+    const attach = await driver.attach();
+    say(
+      `migration: source offers ${attach.source.preCopy ? "PRE_COPY" : "no PRE_COPY"}${attach.source.p2p ? " + P2P" : ""}, ` +
+        `device dirty tracking ${attach.source.dirtyTracking ? "yes" : "no"}; switch-over at <= ${bytes(opts.thresholdBytes ?? DEMO_THRESHOLD)} remaining`,
+    );
+    t = performance.now();
+    phase = "pre-copy round 1";
+    const m = await driver.run();
+    const last = pending.pop();
+    if (last) say(roundLine(last, null));
+    result.migration = m;
+    result.workload = workload ? { ...workload.stats } : null;
+    const downtime = m.downtimeMs - compareMs;
+    say(
+      `stop-copy: device ${bytes(m.stopCopyDeviceBytes)} (the state + what the last round left dirty), guest ${m.finalGuestPages} page${m.finalGuestPages === 1 ? "" : "s"}; ` +
+        `destination RUNNING after ${downtime.toFixed(1)} ms downtime${compareMs > 0 ? ` (not counting ${compareMs.toFixed(0)} ms comparing the streams before it ran)` : ""}`,
+    );
+
+    // ---- verification ----
+    phase = "verifying";
+    if ((await srcClient.getMigState()) !== MigState.STOP) throw new Error("the source is not stopped after switch-over");
+    if (isBigmem) {
+      const [src, dst] = guests as [BigmemGuest, BigmemGuest];
+      result.checks.push(...(await compareAtSwitchover(src, dst)));
+      // the checksum engine needs a running device: resume the source (idle, nothing drives it)
+      await srcClient.setMigState(MigState.RUNNING);
+      result.checks.push(await compareChecksums(src, dst));
+      result.checks.push(await checkDeviceWorks(dst, "destination device"));
+    } else {
+      result.checks.push(compared ?? { name: "device state", ok: false, detail: "not compared" });
+      const [cs, cd] = [await srcClient.regionRead(CONFIG, 0, 256), await dstClient.regionRead(CONFIG, 0, 256)];
+      const at = cs.findIndex((b, i) => b !== cd[i]);
+      result.checks.push({ name: "config space", ok: at < 0, detail: at < 0 ? "256 bytes equal" : `differs at 0x${at.toString(16)}` });
+      const page = srcRam.firstDifference(dstRam);
+      result.checks.push({ name: "guest RAM", ok: page < 0, detail: page < 0 ? `${bytes(srcRam.size)} equal byte for byte` : `page ${page} differs` });
+      const st = await dstClient.getMigState();
+      result.checks.push({ name: "destination device runs", ok: st === MigState.RUNNING, detail: `migration state ${st === MigState.RUNNING ? "RUNNING" : st}` });
+    }
+    if (msiFd >= 0) closeFd(msiFd);
+    result.ok = result.checks.every((c) => c.ok);
+
+    say("");
+    for (const line of reportTable(m)) say(`  ${line}`);
+    say("");
+    for (const line of reportChart(m)) say(line);
+    say("");
+    say("summary");
+    say(`  device            ${deviceSpec}${isBigmem ? `, ${bytes(result.deviceSize)} of device memory` : ""}; guest RAM ${bytes(ramSize)} per side; P2P ${m.p2p ? "yes" : "no"}`);
+    const moved = inUnit([m.totalBytes, m.deviceBytes, m.guestBytes]);
+    say(`  bytes moved       ${moved.figures[0]} ${moved.unit} = device state ${moved.figures[1]} + guest RAM ${moved.figures[2]} (${m.guestBytes / PAGE} pages); ${mbps(m.totalBytes, m.totalMs)} MB/s over ${m.totalMs.toFixed(0)} ms`);
+    if (result.workload) {
+      const w = result.workload;
+      say(`  workload          ${w.ops} ops during pre-copy: ${w.mmioWrites} MMIO writes, ${w.cpuWrites} CPU stores, ${w.dmaToDevice} + ${w.dmaToGuest} DMAs`);
+    }
+    const d = m.downtime;
+    say(
+      `  downtime          ${downtime.toFixed(1)} ms (STOP_COPY request to destination RUNNING): ` +
+        `stop ${d.stopCopyMs.toFixed(1)}, drain ${d.drainMs.toFixed(1)}, guest pages ${d.guestMs.toFixed(1)}, ` +
+        `destination load ${d.loadMs.toFixed(1)}, start ${(d.startMs - compareMs).toFixed(1)} ms`,
+    );
+    for (const c of result.checks) say(`  ${c.ok ? "ok  " : "FAIL"} ${c.name.padEnd(26)} ${c.detail}`);
+    if (opts.svg) {
+      writeFileSync(opts.svg, reportSvg(m, `vfio-user-ts demo migrate: ${deviceSpec}, ${m.rounds.length} pre-copy rounds, ${bytes(m.totalBytes)}`));
+      say(`chart written to ${opts.svg}`);
+    }
+    say(result.ok ? "migration verified" : "VERIFICATION FAILED");
+  } catch (err) {
+    result.error = err as Error;
+    result.ok = false;
+    say(`demo failed during ${phase}: ${(err as Error).message}`);
+    for (const sv of servers) {
+      const out = sv.output().trim();
+      if (out) print(`--- ${sv.name} server output ---\n${out.split("\n").slice(-20).join("\n")}`);
+    }
+  } finally {
+    progress?.(null);
+    offInterrupt();
+    await release();
+    process.off("exit", atExit);
   }
   return result;
 }
 
 export const DEMO_MIGRATE_USAGE = `Usage: vfio-user-ts demo migrate [options]
 
-Live-migrates a bigmem device between two 'vfio-user-ts serve' processes
-while a workload runs, then checks the destination against the source.
+Live-migrates a device between two 'vfio-user-ts serve' processes and
+checks the destination against the source. The default device, bigmem,
+runs a workload during pre-copy (MMIO, CPU stores, DMA both ways) and is
+checked register by register and by checksum; any other device (a shipped
+one, or your module: --device ./my-device.js) is set up as a guest would
+(memory, bus master, MSI, a value in each dword of the first KiB of each
+BAR) and its state is compared record by record before the destination runs.
+
+Prints each pre-copy round (and progress during long ones), a table whose
+rows add up to the totals, a chart, and the downtime.
 
 Options:
-  --size SIZE        device memory (default 256M)
-  --ram SIZE         guest RAM per side (default 64M)
-  --p2p              offer and use the P2P states (RUNNING_P2P, PRE_COPY_P2P)
-  --max-rounds N     pre-copy rounds at most (default 10)
-  --threshold SIZE   switch over once at most this much remains (default 1M)
-  --no-workload      migrate an idle device
-  -h, --help         this text`;
+  --device NAME|PATH  device to migrate (default bigmem)
+  --opt KEY=VALUE     device option, repeatable
+  --size SIZE         bigmem's device memory (default 256M; same as --opt size=)
+  --ram SIZE          guest RAM per side (default 64M)
+  --p2p               offer and use the P2P states (RUNNING_P2P, PRE_COPY_P2P)
+  --max-rounds N      pre-copy rounds at most (default 10)
+  --threshold SIZE    switch over once at most this much remains (default 1M)
+  --no-workload       migrate an idle bigmem
+  --svg FILE          also draw the rounds and the downtime as SVG
+  -h, --help          this text`;
+
+function sizeArg(name: string, text: string): bigint {
+  try {
+    return parseSize(text);
+  } catch (err) {
+    throw new UsageError(`--${name}: ${(err as OptionError).message}`, "demo migrate");
+  }
+}
 
 export async function demoMigrateMain(argv: string[]): Promise<number> {
-  const { values } = parseArgs({
-    args: argv,
-    options: {
-      size: { type: "string", default: "256M" },
-      ram: { type: "string", default: "64M" },
-      p2p: { type: "boolean", default: false },
-      "max-rounds": { type: "string" },
-      threshold: { type: "string" },
-      "no-workload": { type: "boolean", default: false },
-      help: { type: "boolean", short: "h", default: false },
-    },
-    strict: true,
-    allowPositionals: false,
+  const { values } = parseCommandArgs("demo migrate", argv, {
+    device: { type: "string", default: "bigmem" },
+    opt: { type: "string", multiple: true },
+    size: { type: "string" },
+    ram: { type: "string", default: "64M" },
+    p2p: { type: "boolean", default: false },
+    "max-rounds": { type: "string" },
+    threshold: { type: "string" },
+    "no-workload": { type: "boolean", default: false },
+    svg: { type: "string" },
+    help: { type: "boolean", short: "h", default: false },
   });
   if (values.help) {
     console.log(DEMO_MIGRATE_USAGE);
     return 0;
   }
-  const size = parseSize(values.size!);
-  if (size < 4096n || (size & (size - 1n)) !== 0n) throw new UsageError(`--size must be a power of two of at least 4096 bytes, got ${values.size}`);
-  const ram = parseSize(values.ram!);
-  if (ram < 1n << 20n || ram % 4096n !== 0n) throw new UsageError(`--ram must be a multiple of 4096 of at least 1M, got ${values.ram}`);
-  const maxRounds = values["max-rounds"] !== undefined ? Number.parseInt(values["max-rounds"], 10) : undefined;
-  if (maxRounds !== undefined && !(maxRounds >= 1)) throw new UsageError("--max-rounds must be at least 1");
+  const cmd = "demo migrate";
+  const { factory, spec } = await resolveDevice(values.device!, cmd);
+  const isBigmem = spec === "bigmem";
+  const options: Record<string, string> = { ...deviceOptionArgs(values.opt, cmd) };
+  if (values.size !== undefined) {
+    if (!isBigmem) throw new UsageError("--size is bigmem's device memory; give your device's options with --opt", cmd);
+    if (options.size !== undefined) throw new UsageError("--size and --opt size= both given", cmd);
+    options.size = formatSize(sizeArg("size", values.size));
+  }
+  if (isBigmem) options.size ??= "256M";
+  // the device's own checks (unknown keys, ranges) before any process starts
+  try {
+    await factory.create(options).dispose?.();
+  } catch (err) {
+    throw new UsageError(err instanceof OptionError ? err.message : `device '${factory.name}': ${(err as Error).message}`, cmd);
+  }
+  if (!isBigmem && values["no-workload"]) throw new UsageError("--no-workload applies to bigmem (other devices get no workload)", cmd);
+  const ram = sizeArg("ram", values.ram!);
+  if (ram < 1n << 20n || ram % 4096n !== 0n) throw new UsageError(`--ram must be a multiple of 4096 of at least 1M, got ${values.ram}`, cmd);
+  let maxRounds: number | undefined;
+  if (values["max-rounds"] !== undefined) {
+    maxRounds = Number(values["max-rounds"]);
+    if (!Number.isInteger(maxRounds) || maxRounds < 1) throw new UsageError(`--max-rounds must be an integer of at least 1, got '${values["max-rounds"]}'`, cmd);
+  }
+  const threshold = values.threshold !== undefined ? Number(sizeArg("threshold", values.threshold)) : undefined;
+  if (values.svg === "") throw new UsageError("--svg needs a file name", cmd);
   const result = await runDemoMigrate({
-    size: values.size,
+    device: spec,
+    deviceOptions: options,
     ram,
     p2p: values.p2p,
     maxRounds,
-    thresholdBytes: values.threshold !== undefined ? Number(parseSize(values.threshold)) : undefined,
+    thresholdBytes: threshold,
     workload: !values["no-workload"],
+    svg: values.svg,
   });
   return result.ok ? 0 : 1;
 }

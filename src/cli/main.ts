@@ -1,151 +1,72 @@
 /**
- * The `vfio-user-ts` command line. Each subcommand has --help; bad options
- * get a one-line error and exit status 2.
+ * The `vfio-user-ts` command line. Each subcommand has --help; a usage error
+ * is one line, a pointer to the relevant --help, and exit status 2; any other
+ * failure is one line and exit status 1.
  */
-import { existsSync, statSync } from "node:fs";
-import path from "node:path";
-import { parseArgs } from "node:util";
-import { DEVICES, findDevice } from "../../devices/index.ts";
-import type { DeviceOptions } from "../device/api.ts";
-import { createLogger } from "../log.ts";
-import { VfioUserServer } from "../server/server.ts";
-import { DEMO_MIGRATE_USAGE, demoMigrateMain } from "./demo-migrate.ts";
-import { snapshotMain } from "./snapshot.ts";
+import { DEVICES } from "../../devices/index.ts";
+import { describeOptions } from "../device/options.ts";
 import { checkCommand } from "./check.ts";
-import { BENCH_OPTIONS, BENCH_USAGE, benchFromArgs } from "./serve-bench.ts";
+import { DEMO_MIGRATE_USAGE, demoMigrateMain } from "./demo-migrate.ts";
+import { installProcessHandlers, isInterrupted } from "./io.ts";
+import { CommandError, qemuMain } from "./qemu.ts";
+import { resetMain } from "./reset.ts";
+import { packageVersion } from "./self.ts";
+import { serveMain } from "./serve.ts";
+import { snapshotMain } from "./snapshot.ts";
+import { UsageError } from "./usage.ts";
+
+export { qemuCommandLine } from "./qemu.ts";
+export { UsageError } from "./usage.ts";
 
 const USAGE = `Usage: vfio-user-ts <command> [options]
 
 Commands:
   serve      serve a device on a UNIX socket for QEMU's vfio-user-pci
-  devices    list the devices this build ships
+  qemu       start QEMU 11.1 attached to a running server (memfd RAM, optional Linux guest)
+  devices    list the devices this package ships, with their --opt keys
   check      run the device compliance suite against a device (no QEMU needed)
   demo migrate
-             live-migrate a bigmem device between two servers and check it
+             live-migrate a device between two servers and check it
   snapshot save|restore
              save a device's state to a file, or load it back
+  reset      reset the device behind a server's socket (DEVICE_RESET)
 
-Run 'vfio-user-ts <command> --help' for a command's options.`;
+--device takes a shipped device's name or the path of your own module
+(./my-device.js exporting a DeviceFactory as default or as 'factory').
 
-const SERVE_USAGE = `Usage: vfio-user-ts serve --socket PATH [options]
+Run 'vfio-user-ts <command> --help' for a command's options; --version
+prints the version.`;
 
-Options:
-  --device NAME        device to serve (default: edu; see 'vfio-user-ts devices')
-  --socket PATH        UNIX socket to listen on (its directory must exist)
-  --opt KEY=VALUE      device option, repeatable (e.g. --opt size=256M)
-  --socket-mode MODE   permissions of the socket file, octal (default 0600)
-  --log-level LEVEL    fatal|error|warn|info|debug|trace|silent (default info)
-  --log-format FORMAT  pretty|json (default: pretty on a terminal, else json)
-  --trace              log every message received and sent
-  --p2p                offer the P2P migration states (RUNNING_P2P, PRE_COPY_P2P)
-${BENCH_USAGE}
-  -h, --help           this text`;
+const DEVICES_USAGE = `Usage: vfio-user-ts devices
 
-export class UsageError extends Error {}
-
-function parseDeviceOptions(list: string[] | undefined): DeviceOptions {
-  const out: Record<string, string> = {};
-  for (const item of list ?? []) {
-    const eq = item.indexOf("=");
-    if (eq <= 0) throw new UsageError(`--opt takes KEY=VALUE, got '${item}'`);
-    out[item.slice(0, eq)] = item.slice(eq + 1);
-  }
-  return out;
-}
-
-const LEVELS = ["fatal", "error", "warn", "info", "debug", "trace", "silent"] as const;
-type Level = (typeof LEVELS)[number];
-
-/** The QEMU command line that attaches to a server on `socket`. */
-export function qemuCommandLine(socket: string): string {
-  const dev = JSON.stringify({ driver: "vfio-user-pci", socket: { path: path.resolve(socket), type: "unix" } });
-  return [
-    "qemu-system-x86_64 -machine q35 -m 512M -nodefaults -display none",
-    "  -object memory-backend-memfd,id=mem,size=512M,share=on -machine memory-backend=mem",
-    `  -device '${dev}'`,
-  ].join(" \\\n");
-}
-
-async function serve(argv: string[]): Promise<number> {
-  const { values } = parseArgs({
-    args: argv,
-    options: {
-      device: { type: "string", default: "edu" },
-      socket: { type: "string" },
-      opt: { type: "string", multiple: true },
-      "socket-mode": { type: "string", default: "0600" },
-      "log-level": { type: "string", default: "info" },
-      "log-format": { type: "string" },
-      trace: { type: "boolean", default: false },
-      p2p: { type: "boolean", default: false },
-      ...BENCH_OPTIONS,
-      help: { type: "boolean", short: "h", default: false },
-    },
-    strict: true,
-    allowPositionals: false,
-  });
-  if (values.help) {
-    console.log(SERVE_USAGE);
-    return 0;
-  }
-  if (!values.socket) throw new UsageError("serve needs --socket PATH");
-  const level = values["log-level"] as Level;
-  if (!LEVELS.includes(level)) throw new UsageError(`--log-level must be one of ${LEVELS.join(", ")}`);
-  const format = values["log-format"];
-  if (format !== undefined && format !== "pretty" && format !== "json") throw new UsageError("--log-format must be pretty or json");
-  const mode = Number.parseInt(values["socket-mode"]!, 8);
-  if (!/^0?[0-7]{3}$/.test(values["socket-mode"]!) || Number.isNaN(mode)) throw new UsageError(`--socket-mode must be octal like 0600, got '${values["socket-mode"]}'`);
-  const bench = benchFromArgs(values, (m) => new UsageError(m));
-  const factory = findDevice(values.device!);
-  if (!factory) throw new UsageError(`unknown device '${values.device}'; known: ${DEVICES.map((d) => d.name).join(", ")}`);
-  const dir = path.dirname(path.resolve(values.socket));
-  if (!existsSync(dir) || !statSync(dir).isDirectory()) throw new UsageError(`socket directory ${dir} does not exist`);
-
-  let device;
-  try {
-    device = factory.create(parseDeviceOptions(values.opt));
-  } catch (err) {
-    throw new UsageError(`device '${factory.name}': ${(err as Error).message}`);
-  }
-  const log = createLogger({ level, pretty: format === undefined ? undefined : format === "pretty" });
-  const server = new VfioUserServer({ device, log, trace: values.trace, migration: { p2p: values.p2p }, ...bench.serverOptions });
-  bench.attach(server);
-  try {
-    server.listen(values.socket, mode);
-  } catch (err) {
-    throw new UsageError((err as Error).message);
-  }
-  console.log(`vfio-user-ts: serving '${factory.name}' on ${path.resolve(values.socket)}`);
-  console.log("Attach QEMU (11.1 or newer) with:\n");
-  console.log(qemuCommandLine(values.socket));
-  console.log("\n(For a scripted guest, add '-machine accel=qtest -qtest unix:QTEST.sock'; see README.)");
-  await new Promise<void>((resolve) => {
-    const stop = (signal: string) => {
-      log.info({ signal }, "shutting down");
-      void server.close().then(() => bench.stopped()).then(resolve);
-    };
-    process.once("SIGINT", () => stop("SIGINT"));
-    process.once("SIGTERM", () => stop("SIGTERM"));
-  });
-  return 0;
-}
+Lists the devices this package ships, each with its --opt keys (type, range,
+default). Your own device module is given to --device by path.`;
 
 function listDevices(argv: string[]): number {
   if (argv.includes("--help") || argv.includes("-h")) {
-    console.log("Usage: vfio-user-ts devices\n\nLists the devices this build ships, with their --opt options.");
+    console.log(DEVICES_USAGE);
     return 0;
   }
-  if (argv.length > 0) throw new UsageError(`devices takes no arguments, got '${argv[0]}'`);
-  for (const d of DEVICES) console.log(`${d.name.padEnd(10)} ${d.description}`);
+  if (argv.length > 0) throw new UsageError(`devices takes no arguments, got '${argv[0]}'`, "devices");
+  const width = Math.max(...DEVICES.map((d) => d.name.length));
+  for (const d of DEVICES) {
+    console.log(`${d.name.padEnd(width)}  ${d.description}`);
+    const opts = d.options ? describeOptions(d.options) : [];
+    if (opts.length === 0) console.log(`${"".padEnd(width)}    (no options)`);
+    for (const line of opts) console.log(`${"".padEnd(width)}    --opt ${line}`);
+  }
   return 0;
 }
 
+/** Runs one command line; returns the exit status (usage errors: 2). */
 export async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   try {
     switch (command) {
       case "serve":
-        return await serve(rest);
+        return await serveMain(rest);
+      case "qemu":
+        return await qemuMain(rest);
       case "devices":
         return listDevices(rest);
       case "check":
@@ -157,25 +78,50 @@ export async function main(argv: string[]): Promise<number> {
           console.log(DEMO_MIGRATE_USAGE);
           return 0;
         }
-        throw new UsageError(`unknown demo '${what ?? ""}'; try 'demo migrate'`);
+        throw new UsageError(what === undefined ? "demo needs a name: 'demo migrate'" : `unknown demo '${what}'; try 'demo migrate'`, "demo migrate");
       }
       case "snapshot":
         return await snapshotMain(rest);
-      case undefined:
+      case "reset":
+        return await resetMain(rest);
+      case "-V":
+      case "--version":
+      case "version":
+        console.log(`vfio-user-ts ${packageVersion()} (Node ${process.version})`);
+        return 0;
       case "-h":
       case "--help":
       case "help":
         console.log(USAGE);
-        return command === undefined ? 2 : 0;
+        return 0;
+      case undefined:
+        throw new UsageError("no command given");
       default:
-        throw new UsageError(`unknown command '${command}'`);
+        throw new UsageError(command.startsWith("-") ? `unknown option '${command}' (options come after the command)` : `unknown command '${command}'`);
     }
   } catch (err) {
-    if (err instanceof UsageError || (err as NodeJS.ErrnoException).code === "ERR_PARSE_ARGS_UNKNOWN_OPTION" || (err as NodeJS.ErrnoException).code?.startsWith("ERR_PARSE_ARGS")) {
-      console.error(`vfio-user-ts: ${(err as Error).message}`);
-      console.error("Try 'vfio-user-ts --help'.");
+    if (err instanceof UsageError) {
+      for (const line of err.lines()) console.error(line);
       return 2;
+    }
+    if (err instanceof CommandError) {
+      console.error(`vfio-user-ts: ${err.message}`);
+      return 1;
     }
     throw err;
   }
+}
+
+/** The bin: process handlers (EPIPE, signals), then the command; sets the exit status. */
+export async function runCli(argv: string[]): Promise<void> {
+  installProcessHandlers();
+  let code: number;
+  try {
+    code = await main(argv);
+  } catch (err) {
+    if (isInterrupted()) return;
+    console.error(`vfio-user-ts: ${(err as Error).stack ?? String(err)}`);
+    code = 1;
+  }
+  if (!isInterrupted()) process.exitCode = code;
 }

@@ -33,6 +33,7 @@ export {
   type SideInfo,
   type RoundStats,
   type MigrationResult,
+  type MigrationProgress,
   type MigrationPhase,
   type DowntimeBreakdown,
 } from "./migration-driver.ts";

@@ -75,6 +75,8 @@ export interface MigrationDriverOptions {
   onRound?: (round: RoundStats) => void | Promise<void>;
   /** Progress messages. */
   onEvent?: (message: string) => void;
+  /** Called after each device-data chunk (pre-copy and stop-copy): for progress displays. */
+  onProgress?: (progress: MigrationProgress) => void;
   /** Transforms each stream chunk on its way to the destination (tests: corruption in transit). */
   streamFilter?: (chunk: Buffer, streamOffset: number) => Uint8Array;
 }
@@ -98,6 +100,20 @@ export interface RoundStats {
   /** Device stream bytes moved in this round. */
   deviceBytes: number;
   /** Guest RAM pages copied in this round. */
+  guestPages: number;
+  elapsedMs: number;
+}
+
+/** Where a long round is: device bytes moved so far in this round or in stop-copy. */
+export interface MigrationProgress {
+  phase: "precopy" | "stop-copy";
+  /** Pre-copy round number (stop-copy: the number of rounds before it). */
+  round: number;
+  /** Device bytes moved in this round (or in stop-copy) so far. */
+  deviceBytes: number;
+  /** What the round started with (pre-copy info initial + dirty; stop-copy: 0, unknown). */
+  budgetBytes: number;
+  /** Guest pages copied in this round. */
   guestPages: number;
   elapsedMs: number;
 }
@@ -345,6 +361,7 @@ export class MigrationDriver {
             const data = await src.client.migDataRead(chunk);
             if (data.length > 0) await this.forward(data);
             deviceBytes += data.length;
+            this.opts.onProgress?.({ phase: "precopy", round, deviceBytes, budgetBytes: budget, guestPages, elapsedMs: performance.now() - t });
             if (data.length < chunk || deviceBytes >= budget) break;
           }
           await this.drainWrites();
@@ -376,6 +393,7 @@ export class MigrationDriver {
         if (data.length === 0) break;
         await this.forward(data);
         stopCopyDeviceBytes += data.length;
+        this.opts.onProgress?.({ phase: "stop-copy", round: rounds.length, deviceBytes: stopCopyDeviceBytes, budgetBytes: 0, guestPages: 0, elapsedMs: performance.now() - t0 });
       }
       await this.drainWrites();
       marks.push(performance.now());

@@ -7,6 +7,7 @@
  * Breaking this file's exported types is a semver-major change.
  */
 import type { Logger } from "pino";
+import type { OptionSchema } from "./options.ts";
 
 /** PCI identity of the device (type-0 header fields). */
 export interface DeviceIdentity {
@@ -323,5 +324,11 @@ export type DeviceOptions = Readonly<Record<string, string>>;
 export interface DeviceFactory {
   readonly name: string;
   readonly description: string;
+  /**
+   * The `--opt` keys `create` takes, with types, ranges and defaults
+   * (`defineOptions`); `vfio-user-ts devices` lists them. `create` checks
+   * its options against the same schema with `parseOptions`.
+   */
+  readonly options?: OptionSchema;
   create(options: DeviceOptions): Device;
 }

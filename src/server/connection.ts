@@ -25,6 +25,7 @@ import type { Endpoint } from "./endpoint.ts";
 import { commandAllowed, fdsAllowed } from "./command-rules.ts";
 import { LogLimiter } from "./log-limiter.ts";
 import type { Session } from "./session.ts";
+import { traceFields } from "./trace.ts";
 
 /**
  * Replies up to this size are assembled in one reusable buffer and sent as a
@@ -140,7 +141,7 @@ export class Connection implements SocketDma {
       this.onReply(frame);
       return;
     }
-    if (this.trace) this.log.info({ msgId: h.msgId, cmd: cmdName(h.command), size: h.size, fds: frame.fds.length }, "recv");
+    if (this.trace) this.log.info({ msgId: h.msgId, cmd: cmdName(h.command), size: h.size, fds: frame.fds.length, ...traceFields(h.command, frame.body) }, "recv");
     if (!this.busy && this.queue.length === 0 && !this.closed && !this.opts.transport.congested) {
       // the common case: nothing waiting, so run it now (what pump() would do, minus the queue)
       this.run(frame);
@@ -295,7 +296,11 @@ export class Connection implements SocketDma {
     let size = HEADER_SIZE;
     for (let i = 0; i < parts.length; i++) size += parts[i]!.length;
     h.size = size;
-    if (this.trace) this.log.info({ msgId: h.msgId, cmd: cmdName(h.command), size, errno: h.error || undefined }, "send");
+    if (this.trace) {
+      const isReply = (h.flags & HeaderFlags.TYPE_MASK) === HeaderFlags.TYPE_REPLY;
+      const fields = h.error ? {} : traceFields(h.command, Buffer.concat(parts), isReply);
+      this.log.info({ msgId: h.msgId, cmd: cmdName(h.command), size, errno: h.error || undefined, ...fields }, "send");
+    }
     if (size <= REPLY_COPY_MAX) {
       // one buffer, reused: header and parts copied in, sent as one iovec
       const buf = this.replyBuf;

@@ -93,7 +93,13 @@ export interface NativeAddon {
   munmap(ab: ArrayBuffer): number;
 }
 
-const ADDON_PATH = "./native/build/Release/vfio_native.node";
+/**
+ * Where `npm ci` (the install script) builds the addon: next to this file in
+ * the sources, and from the compiled dist/src/transport/native.js in the
+ * package, three levels up in the sources it was built from.
+ */
+const ADDON_BUILD = "native/build/Release/vfio_native.node";
+const ADDON_PATH = import.meta.url.endsWith(".ts") ? `./${ADDON_BUILD}` : `../../../src/transport/${ADDON_BUILD}`;
 
 function load(): NativeAddon {
   const require = createRequire(import.meta.url);

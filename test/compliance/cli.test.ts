@@ -31,11 +31,15 @@ describe("vfio-user-ts check", () => {
   });
 
   it.each([
-    [["--device", "nope"], `vfio-user-ts: unknown device 'nope'; known: ${DEVICES.map((d) => d.name).join(", ")}`],
-    [[], "vfio-user-ts: check needs --device NAME"],
+    [["--device", "nope"], `vfio-user-ts: unknown device 'nope'; known: ${DEVICES.map((d) => d.name).join(", ")} (or a module path like ./my-device.js)`],
+    [["--device", "./no-such-device.js"], "vfio-user-ts: device module ./no-such-device.js does not exist"],
+    [["--device", "edu", "--opt", "dma-mask=abc"], "vfio-user-ts: edu: dma-mask=abc: 'abc' is not an integer (decimal, or hex with 0x)"],
+    [["--device", "edu", "--opt", "frob=1"], "vfio-user-ts: edu: unknown option 'frob' (known: dma-mask)"],
+    [["--device", "counter", "--opt", "start=1", "--opt", "start=2"], "vfio-user-ts: --opt start given twice"],
+    [[], "vfio-user-ts: check needs --device NAME|PATH"],
     [["--device", "counter", "--opt", "start"], "vfio-user-ts: --opt takes KEY=VALUE, got 'start'"],
-    [["--device", "counter", "--opt", "stop=1"], "vfio-user-ts: device 'counter': unknown option 'stop' (known: start)"],
-    [["--device", "bigmem", "--opt", "size=3"], "vfio-user-ts: device 'bigmem': bigmem: size \"3\" (3 bytes) must be a power of two of at least 4096 bytes"],
+    [["--device", "counter", "--opt", "stop=1"], "vfio-user-ts: counter: unknown option 'stop' (known: start)"],
+    [["--device", "bigmem", "--opt", "size=3"], "vfio-user-ts: bigmem: size=3: 3 is out of range (4K.."],
     [["--device", "counter", "--only", "everything"], "vfio-user-ts: unknown check 'everything'; known: " + CHECKS.map((c) => c.id).join(", ")],
     [["--device", "counter", "--frobnicate"], "vfio-user-ts: Unknown option '--frobnicate'"],
     [["--device", "counter", "extra"], "vfio-user-ts: Unexpected argument 'extra'"],

@@ -104,8 +104,9 @@ describe("the tutorial device", () => {
     expect(await client.readU32(0, REG.COUNT)).toBe(41);
     await client.reset();
     expect(await client.readU32(0, REG.COUNT)).toBe(41); // reset goes back to start
-    expect(() => counterFactory.create({ stop: "1" })).toThrow("unknown option 'stop' (known: start)");
-    expect(() => counterFactory.create({ start: "-1" })).toThrow(/start must be an integer/);
+    expect(() => counterFactory.create({ stop: "1" })).toThrow("counter: unknown option 'stop' (known: start)");
+    expect(() => counterFactory.create({ start: "-1" })).toThrow("counter: start=-1: -1 is out of range (0..4294967295)");
+    expect(() => counterFactory.create({ start: "abc" })).toThrow("counter: start=abc: 'abc' is not an integer (decimal, or hex with 0x)");
   });
 
   it("migrates with the migration driver: registers, a raised interrupt and config space arrive", async () => {
