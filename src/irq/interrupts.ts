@@ -52,6 +52,10 @@ export class InterruptController implements Interrupts {
   private readonly fds: number[][];
   private readonly masked: boolean[][];
   private intxLevel = false;
+  /** INTx was signalled and auto-masked, and the client has not unmasked it yet: the client holds it (its line is up). */
+  private intxHeld = false;
+  /** Destination of a migration: the source's client held INTx; signal once when the device runs (see adoptHeldIntx). */
+  private resignalIntx = false;
   /** Deliveries counted per index, for tests and the trace log. */
   readonly delivered = [0, 0, 0, 0, 0];
   /** Device interrupts whose eventfd write failed (EAGAIN: counter full), per index. */
@@ -104,6 +108,7 @@ export class InterruptController implements Interrupts {
 
   /** Re-check INTx and held MSI-X messages after something that may let them through (unmask, command write, resume). */
   reevaluate(): void {
+    if (this.resignalIntx && this.running()) this.resignalHeldIntx();
     if (this.intxLevel) this.fireIntx();
     this.sendPending(0, this.counts[IrqIndex.MSIX]!);
   }
@@ -180,6 +185,7 @@ export class InterruptController implements Interrupts {
     for (let i = 0; i < which.length; i++) {
       if (which[i]) this.masked[index]![start + i] = mask;
     }
+    if (!mask && index === IrqIndex.INTX && which[0] && start === 0) this.intxHeld = false;
     if (!mask && index === IrqIndex.INTX) this.reevaluate();
   }
 
@@ -189,11 +195,15 @@ export class InterruptController implements Interrupts {
       this.disableIndex(index);
       this.masked[index]!.fill(false);
     }
+    this.intxHeld = false;
+    this.resignalIntx = false;
   }
 
   /** Device reset: masks cleared, INTx low; the client's eventfds stay registered. */
   reset(): void {
     for (const row of this.masked) row.fill(false);
+    this.intxHeld = false;
+    this.resignalIntx = false;
     this.intxLevel = false;
     this.config.setInterruptStatus(false);
   }
@@ -212,6 +222,43 @@ export class InterruptController implements Interrupts {
     if (this.deviceSignal(IrqIndex.INTX, 0)) {
       // spec (VFIO): INTx is automasked; the client unmasks after the guest acknowledges
       this.masked[IrqIndex.INTX]![0] = true;
+      this.intxHeld = true;
+    }
+  }
+
+  /**
+   * Migration source: whether the client holds an INTx it has not
+   * acknowledged (signalled, auto-masked, no UNMASK since). It travels in the
+   * state stream.
+   */
+  get clientHoldsIntx(): boolean {
+    return this.intxHeld && this.mode === "intx";
+  }
+
+  /**
+   * Migration destination: the source's client held INTx when the device
+   * stopped. A client that migrates its PCI state restores that line as
+   * asserted, but not its record of having taken the interrupt (QEMU moves
+   * the PCI irq_state, not vfio's INTx "pending" flag), so it would keep the
+   * line up until something signals it again: with level-triggered INTx the
+   * guest then takes an interrupt storm that no handler can clear (seen with
+   * uio_pci_generic in a Linux guest). So the destination signals INTx once
+   * when the device next runs, whatever the command register says (the
+   * client gates the line by INTX_DISABLE itself), and auto-masks it: the
+   * client's next acknowledgement (EOI, then UNMASK) lowers the line.
+   */
+  adoptHeldIntx(held: boolean): void {
+    this.resignalIntx = held;
+    if (held && this.running()) this.reevaluate();
+  }
+
+  private resignalHeldIntx(): void {
+    this.resignalIntx = false;
+    if (this.mode !== "intx") return;
+    if (this.deviceSignal(IrqIndex.INTX, 0)) {
+      this.masked[IrqIndex.INTX]![0] = true;
+      this.intxHeld = true;
+      this.log.debug("INTx signalled again: the source's client held it when the device stopped");
     }
   }
 

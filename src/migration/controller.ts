@@ -60,6 +60,8 @@ interface DeviceSnapshot {
   config: Uint8Array;
   msix: Uint8Array | null;
   device: unknown;
+  /** The source's client held INTx (signalled, not yet unmasked); absent in older streams = false. */
+  intxHeld?: boolean;
 }
 
 export class MigrationController {
@@ -241,6 +243,7 @@ export class MigrationController {
       config: this.endpoint.pci.config.snapshot(),
       msix: this.endpoint.pci.msixTable?.snapshot() ?? null,
       device: this.endpoint.device.saveState(),
+      intxHeld: this.endpoint.irq.clientHoldsIntx,
     };
   }
 
@@ -440,6 +443,7 @@ export class MigrationController {
         this.endpoint.pci.msixTable.restore(snap.msix);
       }
       dev.loadState(snap.device);
+      this.endpoint.irq.adoptHeldIntx(snap.intxHeld === true);
     } catch (err) {
       try {
         this.endpoint.pci.config.restore(before.config);

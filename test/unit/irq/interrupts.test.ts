@@ -68,6 +68,44 @@ describe("InterruptController", () => {
     expect(drain(fd)).toBe(1);
   });
 
+  it("clientHoldsIntx: set when INTx is signalled and auto-masked, cleared by the client's unmask and by reset", () => {
+    const { irq } = setup();
+    const fd = eventfd();
+    irq.setEventfds(IrqIndex.INTX, 0, [fd]);
+    expect(irq.clientHoldsIntx).toBe(false);
+    irq.setLevel(true);
+    expect(drain(fd)).toBe(1);
+    expect(irq.clientHoldsIntx).toBe(true);
+    irq.setLevel(false);
+    expect(irq.clientHoldsIntx).toBe(true); // the client still has it until it unmasks
+    irq.setMasked(IrqIndex.INTX, 0, [true], false);
+    expect(irq.clientHoldsIntx).toBe(false);
+    irq.setLevel(true);
+    expect(irq.clientHoldsIntx).toBe(true);
+    irq.reset();
+    expect(irq.clientHoldsIntx).toBe(false);
+  });
+
+  it("adoptHeldIntx: one signal when the device runs, regardless of INTX_DISABLE; auto-masked after it", () => {
+    const { irq, config, setRunning } = setup();
+    const fd = eventfd();
+    irq.setEventfds(IrqIndex.INTX, 0, [fd]);
+    config.intxDisabled = true;
+    setRunning(false);
+    irq.adoptHeldIntx(true);
+    irq.reevaluate();
+    expect(drain(fd)).toBe(0); // not running: held
+    setRunning(true);
+    irq.reevaluate();
+    expect(drain(fd)).toBe(1);
+    expect(irq.isMasked(IrqIndex.INTX, 0)).toBe(true);
+    irq.reevaluate();
+    expect(drain(fd)).toBe(0); // once only
+    irq.adoptHeldIntx(false);
+    irq.setMasked(IrqIndex.INTX, 0, [true], false);
+    expect(drain(fd)).toBe(0); // device level low: nothing
+  });
+
   it("MSI and MSI-X go to the vector's eventfd of the enabled mode only", () => {
     const { irq, config } = setup();
     const msi = [eventfd(), eventfd()];
