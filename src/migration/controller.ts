@@ -72,6 +72,8 @@ export class MigrationController {
   /** Destination: STATE records seen, and whether device memory was written. */
   private resumeStates: unknown[] = [];
   private resumeWroteMemory = false;
+  /** Most stream bytes any resume reader of this device held at once (see StateStreamReader.bufferedHighWater). */
+  private resumeHighWater = 0;
   /** Pages queued to send, in order (first pass, then re-dirtied pages). */
   private pagesToSend: number[] = [];
   private pageCursor = 0;
@@ -102,6 +104,11 @@ export class MigrationController {
     this.features = { p2p: opts.p2p ?? false, preCopy: true };
     this.fsm = new MigrationFsm(this.features);
     this.log = endpoint.log.child({ part: "migration" });
+  }
+
+  /** Most bytes of a resume stream this device's readers ever buffered at once (server accounting for tests). */
+  get resumeBufferHighWater(): number {
+    return Math.max(this.resumeHighWater, this.reader?.bufferedHighWater ?? 0);
   }
 
   get state(): MigState {
@@ -153,7 +160,7 @@ export class MigrationController {
   private dropStreams(): void {
     if (this.writer) this.memory?.stopTracking();
     this.writer = null;
-    this.reader = null;
+    this.retireReader();
     this.resumeStates = [];
     this.pagesToSend = [];
     this.pageCursor = 0;
@@ -205,7 +212,7 @@ export class MigrationController {
       this.reader = new StateStreamReader({ onRecord: (r) => this.onResumeRecord(r) });
     } else if (from === S.RESUMING && to === S.STOP) {
       const reader = this.reader;
-      this.reader = null;
+      this.retireReader();
       try {
         if (!reader) throw fail.io("no resume stream");
         reader.finish();
@@ -216,6 +223,11 @@ export class MigrationController {
         throw err;
       }
     }
+  }
+
+  private retireReader(): void {
+    if (this.reader) this.resumeHighWater = Math.max(this.resumeHighWater, this.reader.bufferedHighWater);
+    this.reader = null;
   }
 
   private beginSaving(): void {

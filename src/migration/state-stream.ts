@@ -401,6 +401,7 @@ export class StateStreamReader {
   #records: DecodedRecord[] = [];
   #failure: unknown;
   #finished = false;
+  #bufferedHighWater = 0;
 
   constructor(options: StateStreamReaderOptions = {}) {
     this.maxRecordLength = checkLimit(options.maxRecordLength);
@@ -410,6 +411,14 @@ export class StateStreamReader {
   /** Bytes accepted so far. */
   get byteLength(): number {
     return this.#offset;
+  }
+
+  /**
+   * Most payload bytes this reader ever held at once for one record (the
+   * server's own accounting of what a resuming client can make it buffer).
+   */
+  get bufferedHighWater(): number {
+    return this.#bufferedHighWater;
   }
 
   /** The END record arrived. */
@@ -474,6 +483,7 @@ export class StateStreamReader {
           this.#pieces.push(piece);
           this.#crc = crc32(piece, this.#crc);
           this.#received += take;
+          if (this.#received > this.#bufferedHighWater) this.#bufferedHighWater = this.#received;
           this.#offset += take;
           at += take;
           if (this.#received === this.#length) this.#phase = "crc";
