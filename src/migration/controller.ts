@@ -8,13 +8,17 @@
  * The stream (state-stream.ts): HEADER; in pre-copy MEMORY records (every
  * page once, then pages the device re-dirtied); at stop-copy one STATE record
  * (config space, MSI-X table, the device's saveState), the remaining MEMORY
- * records, END. The destination checks the HEADER the moment it arrives,
- * writes MEMORY records into device memory as they come (so the downtime
- * does not grow with the device's size), and loads the STATE record only
- * when RESUMING -> STOP has validated the whole stream. A refused stream
- * leaves no half-loaded state: config space and device registers are
- * untouched, and device memory the stream had already written is reset to
- * power-on together with the rest of the device.
+ * records, END. The destination judges every record from its header
+ * before taking a byte of its payload (a HEADER or STATE record over its cap,
+ * MEMORY for a device without memory or longer than it: refused), checks the
+ * HEADER the moment it arrives, writes MEMORY payload into device memory as
+ * it arrives (so a resuming client can make the server hold one STATE record
+ * at most, and the downtime does not grow with the device's size) with the
+ * record's CRC checked at its end, and loads the STATE record only when
+ * RESUMING -> STOP has validated the whole stream. A refused stream leaves no
+ * half-loaded state: config space and device registers are untouched, and
+ * device memory the stream had already written is reset to power-on together
+ * with the rest of the device, at the refused MIG_DATA_WRITE itself.
  *
  * MIG_DATA_READ moves device memory without copying it when the device
  * offers `readPages` (see queueNextRecord): a record is a view of device
@@ -44,7 +48,22 @@ import { MigState } from "../../protocol/constants.ts";
 import { VfioUserError, fail } from "../../protocol/errors.ts";
 import type { Endpoint } from "../server/endpoint.ts";
 import { MigrationFsm, deviceMayRun, featuresToFlags, migStateName, type MigrationFeatures } from "./fsm.ts";
-import { END_RECORD_SIZE, RecordKind, StateStreamReader, StateStreamWriter, stateRecordSize, streamStartSize, type DecodedRecord, type StreamHeader } from "./state-stream.ts";
+import { END_RECORD_SIZE, MEMORY_OFFSET_SIZE, RecordKind, StateStreamReader, StateStreamWriter, stateRecordSize, streamStartSize, type DecodedRecord, type MemorySink, type StreamHeader } from "./state-stream.ts";
+
+/**
+ * Most payload bytes of a HEADER record a destination takes: a few named
+ * fields in msgpack (a HEADER is under 100 bytes in practice).
+ */
+export const MAX_HEADER_RECORD_LENGTH = 64 * 1024;
+/**
+ * Most payload bytes of a STATE record, on both ends: the config space, the
+ * MSI-X table (32 KiB at most) and the device's own structured state. Bulk
+ * memory belongs in MEMORY records (PrecopyMemory), which a destination
+ * writes as they arrive; a STATE record is buffered whole, so this cap is
+ * what a resuming client can make the server hold, about one
+ * max_data_xfer_size.
+ */
+export const MAX_STATE_RECORD_LENGTH = 1024 * 1024;
 
 /** Pages per MEMORY record: 1 MiB of 4 KiB pages. */
 const PAGES_PER_RECORD = 256;
@@ -197,7 +216,8 @@ export class MigrationController {
         const mem = this.memory;
         if (mem) this.queuePages(mem.takeDirtyPages());
       }
-      this.writer!.state(this.snapshot());
+      // a destination refuses a bigger STATE record (bulk memory belongs in precopyMemory)
+      this.writer!.state(this.snapshot(), MAX_STATE_RECORD_LENGTH);
       this.endPending = true;
     } else if ((from === S.PRE_COPY || from === S.PRE_COPY_P2P) && (to === S.RUNNING || to === S.RUNNING_P2P)) {
       // cancelled: the device goes on as if nothing happened
@@ -209,7 +229,11 @@ export class MigrationController {
     } else if (from === S.STOP && to === S.RESUMING) {
       this.resumeStates = [];
       this.resumeWroteMemory = false;
-      this.reader = new StateStreamReader({ onRecord: (r) => this.onResumeRecord(r) });
+      this.reader = new StateStreamReader({
+        onRecord: (r) => this.onResumeRecord(r),
+        judgeRecord: (kind, length, at) => this.judgeResumeRecord(kind, length, at),
+        memorySink: this.resumeMemorySink(),
+      });
     } else if (from === S.RESUMING && to === S.STOP) {
       const reader = this.reader;
       this.retireReader();
@@ -402,7 +426,95 @@ export class MigrationController {
 
   write(data: Uint8Array): void {
     if (!this.reader) throw fail.inval("no resume stream open");
-    this.reader.push(data);
+    try {
+      this.reader.push(data);
+    } catch (err) {
+      // bytes already written into device memory are not known good: back to power-on now
+      this.discardPartialResume();
+      throw err;
+    }
+  }
+
+  /**
+   * Each record judged from its header before a payload byte is taken:
+   * what a resuming client can make the server hold is one STATE record
+   * at most (MEMORY goes straight into device memory).
+   */
+  private judgeResumeRecord(kind: RecordKind, length: number, at: number): void {
+    switch (kind) {
+      case RecordKind.HEADER:
+        if (length > MAX_HEADER_RECORD_LENGTH) {
+          throw fail.inval(`HEADER record at offset ${at} declares ${length} bytes, above the limit of ${MAX_HEADER_RECORD_LENGTH}`);
+        }
+        return;
+      case RecordKind.STATE:
+        if (length > MAX_STATE_RECORD_LENGTH) {
+          throw fail.inval(`STATE record at offset ${at} declares ${length} bytes, above the limit of ${MAX_STATE_RECORD_LENGTH}`);
+        }
+        return;
+      case RecordKind.MEMORY: {
+        const mem = this.memory;
+        if (!mem) throw fail.inval(`MEMORY record at offset ${at}: this device has no device memory`);
+        const data = length - MEMORY_OFFSET_SIZE;
+        if (BigInt(data) > mem.size) {
+          throw fail.inval(`MEMORY record at offset ${at} declares ${data} bytes of data, more than the device's ${mem.size} bytes of memory`);
+        }
+        if (data % mem.pageSize !== 0) {
+          throw fail.inval(`MEMORY record at offset ${at} declares ${data} bytes of data, not a whole number of ${mem.pageSize}-byte pages`);
+        }
+        return;
+      }
+    }
+  }
+
+  /**
+   * MEMORY data written into device memory as it arrives, whole pages
+   * straight from the received bytes, a page split across writes staged
+   * once. The record's CRC is checked at its end; a mismatch fails the
+   * write and resets the device (see write()).
+   */
+  private resumeMemorySink(): MemorySink {
+    let page = 0;
+    let fill = 0;
+    let staging: Uint8Array | null = null;
+    return {
+      begin: (offset, length, at) => {
+        const mem = this.memory!;
+        const size = mem.pageSize;
+        if (offset % BigInt(size) !== 0n || offset + BigInt(length) > mem.size) {
+          throw fail.inval(`MEMORY record at offset ${at} for device memory 0x${offset.toString(16)} (+${length}) does not fit device memory`);
+        }
+        page = Number(offset / BigInt(size));
+        fill = 0;
+        if (length > 0) this.resumeWroteMemory = true;
+      },
+      data: (bytes) => {
+        const mem = this.memory!;
+        const size = mem.pageSize;
+        let at = 0;
+        if (fill > 0) {
+          const take = Math.min(size - fill, bytes.length);
+          staging!.set(bytes.subarray(0, take), fill);
+          fill += take;
+          at = take;
+          if (fill < size) return;
+          mem.writePage(page++, staging!);
+          fill = 0;
+        }
+        while (bytes.length - at >= size) {
+          mem.writePage(page++, bytes.subarray(at, at + size));
+          at += size;
+        }
+        if (at < bytes.length) {
+          staging ??= new Uint8Array(size);
+          staging.set(bytes.subarray(at), 0);
+          fill = bytes.length - at;
+        }
+      },
+      end: () => {
+        // lengths are whole pages (judgeResumeRecord), so nothing is left staged
+      },
+    };
   }
 
   /** Each record as the reader validates it: HEADER checked at once, MEMORY applied at once. */
@@ -414,18 +526,9 @@ export class MigrationController {
       case RecordKind.STATE:
         this.resumeStates.push(r.value);
         return;
-      case RecordKind.MEMORY: {
-        const mem = this.memory;
-        if (!mem) throw fail.inval("stream carries device memory; this device has none");
-        const size = mem.pageSize;
-        if (r.offset % BigInt(size) !== 0n || r.bytes.length % size !== 0 || r.offset + BigInt(r.bytes.length) > mem.size) {
-          throw fail.inval(`MEMORY record at 0x${r.offset.toString(16)} (+${r.bytes.length}) does not fit device memory`);
-        }
-        this.resumeWroteMemory = true;
-        const first = Number(r.offset / BigInt(size));
-        for (let i = 0; i * size < r.bytes.length; i++) mem.writePage(first + i, r.bytes.subarray(i * size, (i + 1) * size));
-        return;
-      }
+      case RecordKind.MEMORY:
+        // unreachable: MEMORY goes to the memory sink
+        throw fail.io("MEMORY record reached the record handler");
     }
   }
 

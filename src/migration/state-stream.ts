@@ -31,9 +31,11 @@
  *
  * The reader decides from a record header alone whether to go on: unknown
  * kind, a length above the limit, a non-empty END or a MEMORY record too short
- * for its offset fail before any payload is buffered. The payload is kept as
- * the pieces that arrived, so a lying length costs only the bytes actually
- * sent.
+ * for its offset fail before any payload is buffered, and so does whatever a
+ * consumer's judgeRecord refuses. The payload is kept as the pieces that
+ * arrived, so a lying length costs only the bytes actually sent; with a
+ * memorySink, MEMORY payload is not kept at all but handed on as it arrives
+ * (the server writes it into device memory and checks the CRC at the end).
  */
 import { crc32 } from "node:zlib";
 import { Packr } from "msgpackr";
@@ -206,10 +208,14 @@ export class StateStreamWriter {
     this.#record(RecordKind.HEADER, packr.pack(meta));
   }
 
-  /** A STATE record holding `value` as msgpack. */
-  state(value: unknown): void {
+  /** A STATE record holding `value` as msgpack; refused (E2BIG) above `maxLength` (default the writer's limit). */
+  state(value: unknown, maxLength = this.maxRecordLength): void {
     this.#checkOpen("state");
-    this.#record(RecordKind.STATE, packr.pack(value));
+    const bytes = packr.pack(value);
+    if (bytes.byteLength > maxLength) {
+      throw fail.toobig(`state stream: STATE record of ${bytes.byteLength} bytes exceeds the limit of ${maxLength}`);
+    }
+    this.#record(RecordKind.STATE, bytes);
   }
 
   /**
@@ -359,9 +365,37 @@ export interface StateStreamReaderOptions {
    * good when finish() returns. An error thrown here fails the stream.
    */
   readonly onRecord?: (record: DecodedRecord) => void;
+  /**
+   * Judge each record from its header alone (kind, declared payload length,
+   * stream offset), after the reader's own checks and before any payload
+   * byte is taken: throw to refuse the stream there. This is how a consumer
+   * bounds what a stream can make it hold.
+   */
+  readonly judgeRecord?: (kind: RecordKind, length: number, at: number) => void;
+  /**
+   * Take MEMORY payload as it arrives instead of buffering the record: the
+   * reader collects the record's 8-byte offset, then hands every payload
+   * byte to the sink in arrival order, then checks the CRC. So a MEMORY
+   * record costs the reader nothing but its header, whatever its length.
+   * The consumer applies bytes before they are known good: on a CRC
+   * mismatch (or any later failure) it must undo what it applied (the
+   * server resets the device). With a sink, MEMORY records reach neither
+   * onRecord nor finish().
+   */
+  readonly memorySink?: MemorySink;
 }
 
-type Phase = "preamble" | "recordHeader" | "payload" | "crc" | "ended";
+/** Where a reader with `memorySink` puts MEMORY payload as it arrives. */
+export interface MemorySink {
+  /** A MEMORY record starts: `length` data bytes (after the offset) for device offset `offset`; throw to refuse. */
+  begin(offset: bigint, length: number, at: number): void;
+  /** The next bytes of the record's data, in order. A view of the pushed chunk: copy what you keep. */
+  data(bytes: Uint8Array): void;
+  /** The record's CRC matched. */
+  end(): void;
+}
+
+type Phase = "preamble" | "recordHeader" | "memoryOffset" | "payload" | "crc" | "ended";
 
 /** Bytes a STATE record holding `value` takes in the stream (framing included). */
 export function stateRecordSize(value: unknown): number {
@@ -384,6 +418,10 @@ export const END_RECORD_SIZE = RECORD_HEADER_SIZE + RECORD_CRC_SIZE;
 export class StateStreamReader {
   readonly maxRecordLength: number;
   readonly #onRecord: ((record: DecodedRecord) => void) | undefined;
+  readonly #judge: ((kind: RecordKind, length: number, at: number) => void) | undefined;
+  readonly #sink: MemorySink | undefined;
+  /** The current record's payload goes to the sink, not to #pieces. */
+  #sinking = false;
   #phase: Phase = "preamble";
   /** Fixed-size parts (preamble, record header, crc) collect here. */
   #fixed = new Uint8Array(PREAMBLE_SIZE);
@@ -406,6 +444,8 @@ export class StateStreamReader {
   constructor(options: StateStreamReaderOptions = {}) {
     this.maxRecordLength = checkLimit(options.maxRecordLength);
     this.#onRecord = options.onRecord;
+    this.#judge = options.judgeRecord;
+    this.#sink = options.memorySink;
   }
 
   /** Bytes accepted so far. */
@@ -476,14 +516,23 @@ export class StateStreamReader {
           if (this.#fixedFill === RECORD_HEADER_SIZE) this.#recordHeader();
           break;
         }
+        case "memoryOffset": {
+          at += this.#fill(chunk, at, MEMORY_OFFSET_SIZE);
+          if (this.#fixedFill === MEMORY_OFFSET_SIZE) this.#memoryOffset();
+          break;
+        }
         case "payload": {
           const take = Math.min(n - at, this.#length - this.#received);
-          // A copy, and a plain Uint8Array (Buffer#slice would be a view).
-          const piece = new Uint8Array(chunk.subarray(at, at + take));
-          this.#pieces.push(piece);
-          this.#crc = crc32(piece, this.#crc);
+          const view = chunk.subarray(at, at + take);
+          this.#crc = crc32(view, this.#crc);
+          if (this.#sinking) {
+            this.#sink!.data(view);
+          } else {
+            // A copy, and a plain Uint8Array (Buffer#slice would be a view).
+            this.#pieces.push(new Uint8Array(view));
+            if (this.#received + take > this.#bufferedHighWater) this.#bufferedHighWater = this.#received + take;
+          }
           this.#received += take;
-          if (this.#received > this.#bufferedHighWater) this.#bufferedHighWater = this.#received;
           this.#offset += take;
           at += take;
           if (this.#received === this.#length) this.#phase = "crc";
@@ -543,6 +592,7 @@ export class StateStreamReader {
     if (kind === RecordKind.MEMORY && length < MEMORY_OFFSET_SIZE) {
       throw fail.inval(`state stream: MEMORY record at offset ${at} declares ${length} bytes, less than its ${MEMORY_OFFSET_SIZE}-byte offset`);
     }
+    this.#judge?.(kind as RecordKind, length, at);
     this.#kind = kind;
     this.#length = length;
     this.#recordStart = at;
@@ -550,7 +600,19 @@ export class StateStreamReader {
     this.#pieces = [];
     this.#received = 0;
     this.#fixedFill = 0;
-    this.#phase = length === 0 ? "crc" : "payload";
+    this.#sinking = kind === RecordKind.MEMORY && this.#sink !== undefined;
+    this.#phase = this.#sinking ? "memoryOffset" : length === 0 ? "crc" : "payload";
+  }
+
+  /** A sunk MEMORY record's offset arrived: the sink judges it, then takes the data. */
+  #memoryOffset(): void {
+    const b = this.#fixed;
+    const offset = new DataView(b.buffer, b.byteOffset, MEMORY_OFFSET_SIZE).getBigUint64(0, true);
+    this.#crc = crc32(b.subarray(0, MEMORY_OFFSET_SIZE), this.#crc);
+    this.#received = MEMORY_OFFSET_SIZE;
+    this.#fixedFill = 0;
+    this.#sink!.begin(offset, this.#length - MEMORY_OFFSET_SIZE, this.#recordStart);
+    this.#phase = this.#received === this.#length ? "crc" : "payload";
   }
 
   #recordEnd(): void {
@@ -565,6 +627,12 @@ export class StateStreamReader {
       );
     }
     this.#fixedFill = 0;
+    if (this.#sinking) {
+      this.#sinking = false;
+      this.#phase = "recordHeader";
+      this.#sink!.end();
+      return;
+    }
     const payload = this.#payload();
     this.#pieces = [];
     if (kind === RecordKind.END) {
@@ -637,6 +705,7 @@ export class StateStreamReader {
           : fail.inval(
               `state stream: truncated inside a record header at offset ${at - this.#fixedFill} (${this.#fixedFill} of ${RECORD_HEADER_SIZE} bytes)`,
             );
+      case "memoryOffset":
       case "payload":
         return fail.inval(
           `state stream: truncated inside ${kindName(this.#kind)} record at offset ${this.#recordStart} ` +

@@ -403,3 +403,93 @@ describe("writer misuse", () => {
     expect(() => reader.push(new Uint8Array(1))).toThrowError(/after finish/);
   });
 });
+
+describe("StateStreamReader: judgeRecord and memorySink", () => {
+  /** A reader whose sink records what it was handed, with the sample stream's MEMORY records. */
+  function sinking(): { reader: StateStreamReader; got: Map<bigint, number[]>; ended: bigint[]; order: string[] } {
+    const got = new Map<bigint, number[]>();
+    const ended: bigint[] = [];
+    const order: string[] = [];
+    let current = 0n;
+    const reader = new StateStreamReader({
+      onRecord: (r) => void order.push(r.kind === RecordKind.HEADER ? "HEADER" : r.kind === RecordKind.STATE ? "STATE" : "MEMORY-as-record"),
+      memorySink: {
+        begin: (offset, length) => {
+          current = offset;
+          got.set(offset, []);
+          order.push(`begin ${offset} ${length}`);
+        },
+        data: (bytes) => void got.get(current)!.push(...bytes),
+        end: () => void ended.push(current),
+      },
+    });
+    return { reader, got, ended, order };
+  }
+
+  for (const chunk of [1, 7, 4096, 1 << 20]) {
+    it(`hands MEMORY data to the sink in order, fed ${chunk} at a time, and buffers none of it`, () => {
+      const { reader, got, ended, order } = sinking();
+      const decoded = feed(sampleBytes(), chunk, reader);
+      expect(decoded.memory).toEqual([]);
+      expect(ended).toEqual(MEMORY.map(([o]) => o));
+      for (const [offset, bytes] of MEMORY) expect(Uint8Array.from(got.get(offset)!)).toEqual(bytes);
+      expect(order.filter((o) => o === "MEMORY-as-record")).toEqual([]);
+      // only HEADER and STATE payloads were held (the 70,000-byte MEMORY record was not)
+      expect(reader.bufferedHighWater).toBeLessThan(1000);
+    });
+  }
+
+  it("a CRC mismatch in a sunk MEMORY record is thrown after its data went to the sink, and end() is not called", () => {
+    const bytes = sampleBytes();
+    const { reader, ended, got } = sinking();
+    // a MEMORY record's last data byte: flip it (its CRC then fails)
+    const damaged = new Uint8Array(bytes);
+    const lastMem = MEMORY[2]!; // the 70,000-byte record
+    const at = findSubarray(damaged, lastMem[1]) + lastMem[1].length - 1;
+    damaged[at]! ^= 0xff;
+    expect(() => feed(damaged, 4096, reader)).toThrowError(/CRC mismatch in MEMORY record/);
+    expect(ended).not.toContain(lastMem[0]);
+    expect(got.get(lastMem[0])!.length).toBe(lastMem[1].length);
+  });
+
+  it("judgeRecord sees kind, length and offset at each header, before any payload; a throw refuses there", () => {
+    const seen: Array<[number, number, number]> = [];
+    const bytes = sampleBytes();
+    const reader = new StateStreamReader({
+      judgeRecord: (kind, length, at) => {
+        seen.push([kind, length, at]);
+        if (kind === RecordKind.MEMORY && length > 60_000) throw new VfioUserError(Errno.EINVAL, "too long for this consumer");
+      },
+    });
+    const err = outcome(bytes, 1, reader);
+    expect(err?.message).toBe("too long for this consumer");
+    const last = seen[seen.length - 1]!;
+    expect(last[0]).toBe(RecordKind.MEMORY);
+    // refused right after the record header: the reader took nothing of the payload
+    expect(reader.byteLength).toBe(last[2] + RECORD_HEADER_SIZE);
+    expect(seen[0]).toEqual([RecordKind.HEADER, expect.any(Number), PREAMBLE_SIZE]);
+  });
+});
+
+function findSubarray(hay: Uint8Array, needle: Uint8Array): number {
+  outer: for (let i = 0; i + needle.length <= hay.length; i++) {
+    for (let j = 0; j < needle.length; j++) if (hay[i + j] !== needle[j]) continue outer;
+    return i;
+  }
+  throw new Error("not found");
+}
+
+describe("StateStreamWriter.state limit", () => {
+  it("refuses a STATE record above the given limit with E2BIG, and takes one at it", () => {
+    const w = new StateStreamWriter();
+    w.header(HEADER);
+    const value = new Uint8Array(1000);
+    expect(() => w.state(value, 999)).toThrowError(/STATE record of 100\d bytes exceeds the limit of 999/);
+    try {
+      w.state(value, 999);
+    } catch (err) {
+      expect((err as VfioUserError).errno).toBe(Errno.E2BIG);
+    }
+    expect(() => w.state(new Uint8Array(10), 20)).not.toThrow();
+  });
+});
