@@ -239,7 +239,10 @@ export interface PrecopyMemory {
   /**
    * Page numbers written since the last call. Each page is cleared as it is
    * handed out, so a page written after that is reported again next time.
-   * The framework reads the whole iterable at once.
+   * The framework reads the whole iterable at once. A Uint32Array of the
+   * pages, ascending, is the cheap form: the framework queues it as it is
+   * (no per-page step), which keeps a stop-copy transition of a large
+   * device short; the array must be fresh (not changed afterwards).
    */
   takeDirtyPages(): Iterable<number>;
   /** Count of pages dirty now, for size estimates. */

@@ -48,6 +48,7 @@ import { MigState } from "../../protocol/constants.ts";
 import { VfioUserError, fail } from "../../protocol/errors.ts";
 import type { Endpoint } from "../server/endpoint.ts";
 import { MigrationFsm, deviceMayRun, featuresToFlags, migStateName, type MigrationFeatures } from "./fsm.ts";
+import { PageQueue } from "./page-queue.ts";
 import { END_RECORD_SIZE, MEMORY_OFFSET_SIZE, RecordKind, StateStreamReader, StateStreamWriter, stateRecordSize, streamStartSize, type DecodedRecord, type MemorySink, type StreamHeader } from "./state-stream.ts";
 
 /**
@@ -94,8 +95,7 @@ export class MigrationController {
   /** Most stream bytes any resume reader of this device held at once (see StateStreamReader.bufferedHighWater). */
   private resumeHighWater = 0;
   /** Pages queued to send, in order (first pass, then re-dirtied pages). */
-  private pagesToSend: number[] = [];
-  private pageCursor = 0;
+  private readonly pagesToSend = new PageQueue();
   /** Pages of the first pass still unsent (for pre-copy info's initial_bytes). */
   private initialLeft = 0;
   /** Stop-copy: the END record goes once every page is out. */
@@ -181,8 +181,7 @@ export class MigrationController {
     this.writer = null;
     this.retireReader();
     this.resumeStates = [];
-    this.pagesToSend = [];
-    this.pageCursor = 0;
+    this.pagesToSend.clear();
     this.initialLeft = 0;
     this.endPending = false;
   }
@@ -267,11 +266,7 @@ export class MigrationController {
   }
 
   private queuePages(pages: Iterable<number>): void {
-    if (this.pageCursor > 0) {
-      this.pagesToSend = this.pagesToSend.slice(this.pageCursor);
-      this.pageCursor = 0;
-    }
-    for (const p of pages) this.pagesToSend.push(p);
+    this.pagesToSend.push(pages);
   }
 
   private snapshot(): DeviceSnapshot {
@@ -321,16 +316,16 @@ export class MigrationController {
     const mem = this.memory;
     const inPrecopy = this.fsm.state !== MigState.STOP_COPY;
     while (w.pendingBytes < max) {
-      if (mem && this.pageCursor < this.pagesToSend.length) {
+      if (mem && this.pagesToSend.length > 0) {
         this.queueNextRecord(w, mem, max - w.pendingBytes);
         continue;
       }
       if (mem && (inPrecopy ? this.initialLeft === 0 : this.endPending)) {
         // pre-copy, first pass done: send what the device dirtied since, if
         // anything; stop-copy: what was written while stopped (see read())
-        const before = this.pagesToSend.length - this.pageCursor;
+        const before = this.pagesToSend.length;
         this.queuePages(mem.takeDirtyPages());
-        if (this.pagesToSend.length - this.pageCursor > before) continue;
+        if (this.pagesToSend.length > before) continue;
       }
       if (!inPrecopy && this.endPending) {
         w.end();
@@ -346,13 +341,8 @@ export class MigrationController {
    * stream, so at most a page of the record outlives the read that queued it.
    */
   private nextRun(mem: PrecopyMemory, need: number): { first: number; n: number } {
-    const pages = this.pagesToSend;
-    const at = this.pageCursor;
-    const first = pages[at]!;
     const want = Math.min(PAGES_PER_RECORD, Math.max(1, Math.ceil((need - MEMORY_RECORD_OVERHEAD) / mem.pageSize)));
-    let n = 1;
-    while (n < want && at + n < pages.length && pages[at + n] === first + n) n++;
-    return { first, n };
+    return this.pagesToSend.take(want)!;
   }
 
   /**
@@ -375,7 +365,6 @@ export class MigrationController {
       bytes = Buffer.allocUnsafeSlow(n * size);
       for (let i = 0; i < n; i++) bytes.set(mem.readPage(first + i), i * size);
     }
-    this.pageCursor += n;
     if (this.initialLeft > 0) this.initialLeft = Math.max(0, this.initialLeft - n);
     w.memory(BigInt(first) * BigInt(size), bytes, { transient });
   }
@@ -391,7 +380,7 @@ export class MigrationController {
   stopCopySize(): bigint {
     const mem = this.memory;
     const pageSize = mem?.pageSize ?? 0;
-    let pages = this.pagesToSend.length - this.pageCursor;
+    let pages = this.pagesToSend.length;
     if (mem) pages += this.writer ? mem.dirtyPageCount() : Number(mem.size / BigInt(mem.pageSize));
     const records = Math.ceil(pages / PAGES_PER_RECORD);
     let bytes = (this.writer?.pendingBytes ?? 0) + pages * pageSize + records * MEMORY_RECORD_OVERHEAD;
@@ -417,7 +406,7 @@ export class MigrationController {
     const withFraming = (pages: number) => pages * pageSize + Math.ceil(pages / PAGES_PER_RECORD) * MEMORY_RECORD_OVERHEAD;
     const inFirstPass = this.initialLeft > 0;
     const initialBytes = inFirstPass ? withFraming(this.initialLeft) + pending : 0;
-    const queuedDirty = inFirstPass ? 0 : this.pagesToSend.length - this.pageCursor;
+    const queuedDirty = inFirstPass ? 0 : this.pagesToSend.length;
     const dirtyBytes = withFraming(queuedDirty + (mem?.dirtyPageCount() ?? 0)) + (inFirstPass ? 0 : pending);
     return { initialBytes: BigInt(initialBytes), dirtyBytes: BigInt(dirtyBytes) };
   }
