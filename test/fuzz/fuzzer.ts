@@ -37,6 +37,7 @@ import {
   type Frame,
   type Header,
 } from "../../protocol/index.ts";
+import { RecordKind, StateStreamWriter } from "../../src/migration/state-stream.ts";
 import { native } from "../../src/transport/native.ts";
 import { ChildServer, RawClient, eventually, frameBytes, le, sleep, versionBody, type Le } from "../robustness/raw-client.ts";
 
@@ -283,7 +284,11 @@ function template(r: Rng): Draft {
     d.body = le().u32(8 + n).u32(n).buf;
   } else if (cmd < 38) {
     d.command = Command.MIG_DATA_WRITE;
-    const data = r.chance(0.5) ? Buffer.concat([Buffer.from("VUDS\x01\x00\x00\x00", "latin1"), r.bytes(r.int(64))]) : r.bytes(r.int(256));
+    const data = r.chance(0.4)
+      ? lyingStream(r)
+      : r.chance(0.5)
+        ? Buffer.concat([Buffer.from("VUDS\x01\x00\x00\x00", "latin1"), r.bytes(r.int(64))])
+        : r.bytes(r.int(256));
     d.body = le().u32(8 + data.length).u32(data.length).bytes(data).buf;
   } else if (cmd < 39) {
     d.command = Command.MIG_GET_PRECOPY_INFO;
@@ -293,6 +298,30 @@ function template(r: Rng): Draft {
     d.body = le().u64(r.int(1 << 20)).u64(4).bytes(d.command === Command.DMA_WRITE ? 4 : 0).buf;
   }
   return d;
+}
+
+/**
+ * The start of a stream for the device (a valid preamble and HEADER, for edu
+ * or bigmem) and then a record whose header lies: a MEMORY or STATE record
+ * declaring more than any limit, a MEMORY offset outside device memory, a
+ * length that is not whole pages, or a CRC that does not match; then a few
+ * bytes of its payload, or all of it when it is small. What the server must
+ * refuse from the header alone without buffering, and what it must reset
+ * after writing.
+ */
+function lyingStream(r: Rng): Buffer {
+  const w = new StateStreamWriter();
+  w.header({ deviceType: r.chance(0.5) ? "edu" : "bigmem", deviceVersion: r.int(3), configSize: 4096 });
+  const start = Buffer.from(w.read(1 << 16));
+  const kind = r.chance(0.7) ? RecordKind.MEMORY : r.chance(0.8) ? RecordKind.STATE : r.int(8);
+  const lengths = [0, 7, 8, 8 + 4096, 8 + 4095, 8 + (1 << 20), (1 << 20) + 1, 0x7fff_ffff, 0xffff_ffff, 8 + (9 << 20), r.int(1 << 24)];
+  const length = pick(r, lengths);
+  const head = le().u8(kind).u32(length).buf;
+  const body = kind === RecordKind.MEMORY ? le().u64(pick(r, [0n, 4096n, 1n, 1n << 40n, 0xffff_ffff_ffff_f000n])).buf : Buffer.alloc(0);
+  const payloadLeft = Math.max(0, length - body.length);
+  const sent = Math.min(payloadLeft, r.chance(0.5) ? r.int(64) : 8192);
+  const tail = sent === payloadLeft ? le().u32(r.int(0x1_0000_0000)).buf : Buffer.alloc(0); // a CRC that almost never matches
+  return Buffer.concat([r.chance(0.8) ? start : Buffer.alloc(0), head, body, r.bytes(sent), tail]);
 }
 
 /** Applies one mutation: mostly ones that keep the framing, now and then one that breaks it. */
