@@ -10,14 +10,15 @@
  *
  *   preamble, 8 bytes
  *     0  magic    4 bytes  "VUDS" (0x56 0x55 0x44 0x53)
- *     4  version  u16      STREAM_VERSION (1)
+ *     4  version  u16      STREAM_VERSION (2); readers take 1 and 2
  *     6  flags    u16      0; no flags are defined, others are refused
  *
  *   then records, each
  *     0  kind     u8       RecordKind
  *     1  length   u32      payload bytes, at most the reader's limit
  *     5  payload  length bytes
- *     .  crc      u32      CRC-32 (zlib) of kind, length and payload
+ *     .  crc      u32      CRC-32C of kind, length and payload (version 2;
+ *                             version 1 streams carry zlib's CRC-32 here)
  *
  *   kinds
  *     HEADER (1)  msgpack map { deviceType: string, deviceVersion: integer,
@@ -38,13 +39,30 @@
  * (the server writes it into device memory and checks the CRC at the end).
  */
 import { crc32 } from "node:zlib";
+import { crc32c } from "./crc32c.ts";
 import { Packr } from "msgpackr";
 import { Errno } from "../../protocol/constants.ts";
 import { VfioUserError, fail } from "../../protocol/errors.ts";
 import { U64_MAX } from "../../protocol/u64.ts";
 
 export const STREAM_MAGIC: readonly number[] = [0x56, 0x55, 0x44, 0x53]; // "VUDS"
-export const STREAM_VERSION = 1;
+/**
+ * The version writers put in the preamble. 2: records carry CRC-32C
+ * (hardware-accelerated in the addon, ~3x zlib's CRC-32 here). 1: zlib's
+ * CRC-32, still read (snapshots saved by earlier builds).
+ */
+export const STREAM_VERSION = 2;
+/** Versions a reader accepts. */
+export const STREAM_VERSIONS_READ: readonly number[] = [1, 2];
+
+type Checksum = (data: Uint8Array, crc?: number) => number;
+
+/** The record check a stream of `version` uses (continuing from `crc`, default 0). */
+export function recordChecksum(version: number = STREAM_VERSION): Checksum {
+  if (version === 1) return crc32;
+  if (version === 2) return crc32c;
+  throw new RangeError(`no record check for stream version ${version}`);
+}
 export const PREAMBLE_SIZE = 8;
 export const RECORD_HEADER_SIZE = 5;
 export const RECORD_CRC_SIZE = 4;
@@ -232,7 +250,7 @@ export class StateStreamWriter {
     view.setUint8(0, RecordKind.MEMORY);
     view.setUint32(1, length, true);
     view.setBigUint64(RECORD_HEADER_SIZE, offset, true);
-    const crc = crc32(bytes, crc32(head));
+    const crc = crc32c(bytes, crc32c(head));
     this.#push(head);
     if (bytes.byteLength > 0) this.#push(bytes, options.transient === true);
     this.#push(crcBytes(crc));
@@ -331,7 +349,7 @@ export class StateStreamWriter {
     const view = new DataView(head.buffer);
     view.setUint8(0, kind);
     view.setUint32(1, payload.byteLength, true);
-    const crc = crc32(payload, crc32(head));
+    const crc = crc32c(payload, crc32c(head));
     this.#push(head);
     if (payload.byteLength > 0) this.#push(payload);
     this.#push(crcBytes(crc));
@@ -440,6 +458,9 @@ export class StateStreamReader {
   #failure: unknown;
   #finished = false;
   #bufferedHighWater = 0;
+  /** The stream's version (from the preamble) and its record check. */
+  #version = 0;
+  #sum: Checksum = crc32c;
 
   constructor(options: StateStreamReaderOptions = {}) {
     this.maxRecordLength = checkLimit(options.maxRecordLength);
@@ -459,6 +480,11 @@ export class StateStreamReader {
    */
   get bufferedHighWater(): number {
     return this.#bufferedHighWater;
+  }
+
+  /** The stream's version, once the preamble arrived (0 before). */
+  get version(): number {
+    return this.#version;
   }
 
   /** The END record arrived. */
@@ -524,7 +550,7 @@ export class StateStreamReader {
         case "payload": {
           const take = Math.min(n - at, this.#length - this.#received);
           const view = chunk.subarray(at, at + take);
-          this.#crc = crc32(view, this.#crc);
+          this.#crc = this.#sum(view, this.#crc);
           if (this.#sinking) {
             this.#sink!.data(view);
           } else {
@@ -567,7 +593,11 @@ export class StateStreamReader {
       }
     }
     const version = view.getUint16(4, true);
-    if (version !== STREAM_VERSION) throw fail.inval(`state stream: unknown stream version ${version} (this build reads ${STREAM_VERSION})`);
+    if (!STREAM_VERSIONS_READ.includes(version)) {
+      throw fail.inval(`state stream: unknown stream version ${version} (this build reads ${STREAM_VERSIONS_READ.join(" and ")})`);
+    }
+    this.#version = version;
+    this.#sum = recordChecksum(version);
     const flags = view.getUint16(6, true);
     if (flags !== 0) throw fail.inval(`state stream: unknown stream flags 0x${flags.toString(16)} at offset 6`);
     this.#fixedFill = 0;
@@ -596,7 +626,7 @@ export class StateStreamReader {
     this.#kind = kind;
     this.#length = length;
     this.#recordStart = at;
-    this.#crc = crc32(b.subarray(0, RECORD_HEADER_SIZE));
+    this.#crc = this.#sum(b.subarray(0, RECORD_HEADER_SIZE));
     this.#pieces = [];
     this.#received = 0;
     this.#fixedFill = 0;
@@ -608,7 +638,7 @@ export class StateStreamReader {
   #memoryOffset(): void {
     const b = this.#fixed;
     const offset = new DataView(b.buffer, b.byteOffset, MEMORY_OFFSET_SIZE).getBigUint64(0, true);
-    this.#crc = crc32(b.subarray(0, MEMORY_OFFSET_SIZE), this.#crc);
+    this.#crc = this.#sum(b.subarray(0, MEMORY_OFFSET_SIZE), this.#crc);
     this.#received = MEMORY_OFFSET_SIZE;
     this.#fixedFill = 0;
     this.#sink!.begin(offset, this.#length - MEMORY_OFFSET_SIZE, this.#recordStart);

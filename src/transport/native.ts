@@ -77,6 +77,10 @@ export interface NativeAddon {
    * file description: a received fd shares it with its sender.
    */
   setNonblocking(fd: number, on: boolean): number;
+  /** CRC-32C of data continuing from crc (default 0); hardware-accelerated where the CPU has SSE4.2. */
+  crc32c(data: Uint8Array, crc?: number): number;
+  /** The same with the portable byte-wise table (what CPUs without SSE4.2 run); for tests. */
+  crc32cPortable(data: Uint8Array, crc?: number): number;
   /** memfd_create(MFD_CLOEXEC) + ftruncate(size). */
   memfdCreate(name: string, size: bigint): number;
   /** EFD_CLOEXEC | EFD_NONBLOCK are always added to flags. */

@@ -8,7 +8,6 @@
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
-import { crc32 } from "node:zlib";
 import pino from "pino";
 import { afterEach, describe, expect, it } from "vitest";
 import { BigmemDevice } from "../../devices/bigmem/bigmem.ts";
@@ -17,7 +16,7 @@ import { Errno, MigState, RegionIndex } from "../../protocol/constants.ts";
 import { VfioUserError } from "../../protocol/errors.ts";
 import { VfioUserClient } from "../../src/client/client.ts";
 import { MAX_STATE_RECORD_LENGTH } from "../../src/migration/controller.ts";
-import { RecordKind, StateStreamWriter } from "../../src/migration/state-stream.ts";
+import { RecordKind, StateStreamWriter, recordChecksum } from "../../src/migration/state-stream.ts";
 import { VfioUserServer } from "../../src/server/server.ts";
 import { LogCapture } from "../e2e/harness/server.ts";
 
@@ -53,7 +52,7 @@ function memoryRecord(offset: number, data: Uint8Array, corrupt = false): Uint8A
   v.setUint32(1, 8 + data.length, true);
   v.setBigUint64(5, BigInt(offset), true);
   out.set(data, 13);
-  const crc = crc32(out.subarray(0, 13 + data.length));
+  const crc = recordChecksum()(out.subarray(0, 13 + data.length));
   v.setUint32(13 + data.length, (corrupt ? ~crc : crc) >>> 0, true);
   return out;
 }

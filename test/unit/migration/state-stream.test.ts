@@ -100,17 +100,29 @@ function expectSample(got: DecodedStream): void {
   ]);
 }
 
-/** A record built from the layout in the file comment, independently of the writer. */
-function record(kind: number, payload: Uint8Array, opts: { length?: number; crc?: number } = {}): Uint8Array {
+/** CRC-32C bit by bit (reflected polynomial 0x82f63b78), independent of the addon. */
+function refCrc32c(data: Uint8Array, crc = 0): number {
+  let c = ~crc >>> 0;
+  for (const b of data) {
+    c ^= b;
+    for (let i = 0; i < 8; i++) c = (c >>> 1) ^ (0x82f63b78 & -(c & 1));
+  }
+  return ~c >>> 0;
+}
+
+/** A record built from the layout in the file comment, independently of the writer (version 2: CRC-32C; 1: zlib's CRC-32). */
+function record(kind: number, payload: Uint8Array, opts: { length?: number; crc?: number; version?: 1 | 2 } = {}): Uint8Array {
   const head = Buffer.alloc(RECORD_HEADER_SIZE);
   head.writeUInt8(kind, 0);
   head.writeUInt32LE(opts.length ?? payload.byteLength, 1);
   const crc = Buffer.alloc(4);
-  crc.writeUInt32LE(opts.crc ?? crc32(payload, crc32(head)), 0);
+  const sum = opts.version === 1 ? crc32 : refCrc32c;
+  crc.writeUInt32LE(opts.crc ?? sum(payload, sum(head)), 0);
   return Buffer.concat([head, payload, crc]);
 }
 
-const PREAMBLE = Buffer.from([0x56, 0x55, 0x44, 0x53, 1, 0, 0, 0]);
+const PREAMBLE = Buffer.from([0x56, 0x55, 0x44, 0x53, 2, 0, 0, 0]);
+const PREAMBLE_V1 = Buffer.from([0x56, 0x55, 0x44, 0x53, 1, 0, 0, 0]);
 // msgpack of { deviceType: "x", deviceVersion: 1 } as msgpackr writes it (map16).
 const HEADER_X = Buffer.from("de0002aa64657669636554797065a178ad64657669636556657273696f6e01", "hex");
 
@@ -128,10 +140,25 @@ describe("state stream layout", () => {
       record(RecordKind.END, new Uint8Array(0)),
     ]);
     expect(Buffer.from(drain(w, 1000)).toString("hex")).toBe(want.toString("hex"));
-    // The END record is kind 4, length 0, CRC-32 of those five bytes.
-    expect(want.subarray(want.length - 9).toString("hex")).toBe(
-      "0400000000" + Buffer.from(Uint32Array.of(crc32(Buffer.from([4, 0, 0, 0, 0]))).buffer).toString("hex"),
-    );
+    // The END record is kind 4, length 0, CRC-32C of those five bytes (golden value).
+    expect(want.subarray(want.length - 9).toString("hex")).toBe("0400000000" + Buffer.from(Uint32Array.of(refCrc32c(Buffer.from([4, 0, 0, 0, 0]))).buffer).toString("hex"));
+    expect(refCrc32c(Buffer.from("123456789"))).toBe(0xe3069283);
+  });
+
+  it("reads a version 1 stream (zlib's CRC-32), as earlier builds saved it", () => {
+    const v1 = Buffer.concat([
+      PREAMBLE_V1,
+      record(RecordKind.HEADER, HEADER_X, { version: 1 }),
+      record(RecordKind.MEMORY, Buffer.from([0, 0x10, 0, 0, 0, 0, 0, 0, 1, 2, 3]), { version: 1 }),
+      record(RecordKind.END, new Uint8Array(0), { version: 1 }),
+    ]);
+    const reader = new StateStreamReader();
+    const got = feed(v1, 3, reader);
+    expect(reader.version).toBe(1);
+    expect(got.memory).toEqual([{ offset: 0x1000n, bytes: Uint8Array.from([1, 2, 3]) }]);
+    // the same bytes with a version 2 preamble fail on the first record's check
+    const asV2 = Buffer.concat([PREAMBLE, v1.subarray(8)]);
+    expect(outcome(asV2)?.message).toMatch(/CRC mismatch in HEADER record at offset 8/);
   });
 });
 
@@ -294,7 +321,8 @@ describe("damage is detected", () => {
       ["empty", new Uint8Array(0), /empty stream/],
       ["short preamble", PREAMBLE.subarray(0, 5), /inside the preamble \(5 of 8/],
       ["wrong magic", Buffer.concat([Buffer.from("VUDT"), PREAMBLE.subarray(4), hdr, end]), /bad magic 0x56554454/],
-      ["version 2", Buffer.concat([PREAMBLE.subarray(0, 4), Buffer.from([2, 0, 0, 0]), hdr, end]), /unknown stream version 2/],
+      ["version 3", Buffer.concat([PREAMBLE.subarray(0, 4), Buffer.from([3, 0, 0, 0]), hdr, end]), /unknown stream version 3 \(this build reads 1 and 2\)/],
+      ["version 0", Buffer.concat([PREAMBLE.subarray(0, 4), Buffer.from([0, 0, 0, 0]), hdr, end]), /unknown stream version 0/],
       ["flags", Buffer.concat([PREAMBLE.subarray(0, 6), Buffer.from([1, 0]), hdr, end]), /unknown stream flags 0x1/],
       ["unknown kind", Buffer.concat([PREAMBLE, hdr, record(9, Buffer.from([1])), end]), /unknown record kind 9 at offset 48/],
       ["kind zero", Buffer.concat([PREAMBLE, record(0, new Uint8Array(0))]), /unknown record kind 0 at offset 8/],
