@@ -152,8 +152,13 @@ function makeRecorder(opt: ServerOptions["conformance"], onClientDone: (r: Clien
   return new ConformanceRecorder({
     ...given,
     onClientDone: (r) => {
-      onClientDone(r);
-      given.onClientDone?.(r);
+      // the caller's hook first (serve --client-report writes its file there), then the log
+      // line: whoever sees the line can read the file (a test read it in between once)
+      try {
+        given.onClientDone?.(r);
+      } finally {
+        onClientDone(r);
+      }
     },
   });
 }
