@@ -138,13 +138,14 @@ export async function runLeakCycles(s: ChildServer, cycles: number, opts: LeakOp
   };
 }
 
-/** Waits until no client is attached: a probe succeeds and the fd count is stable. */
+/** Waits until no client is attached: a probe succeeds and the fd count is stable. Throws if either never happens. */
 async function settle(s: ChildServer): Promise<void> {
-  for (let i = 0; i < 100; i++) {
+  for (let i = 0; ; i++) {
     try {
       await healthProbe(s.socketPath);
       break;
-    } catch {
+    } catch (err) {
+      if (i >= 100) throw new Error(`leak: the server refused every probe for 1 s: ${(err as Error).message}`);
       await sleep(10);
     }
   }
@@ -155,6 +156,7 @@ async function settle(s: ChildServer): Promise<void> {
     if (n === last) return;
     last = n;
   }
+  throw new Error(`leak: the server's fd count did not settle within 2 s (last ${last})`);
 }
 
 /**
