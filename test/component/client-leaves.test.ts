@@ -82,6 +82,58 @@ const messages = (s: Served, mark: number, minLevel = 30) =>
     .filter((r) => r.level >= minLevel)
     .map((r) => r.msg);
 
+/** Device memory of the bigmem used by the RESUMING cases. */
+const RESUME_MEM = 8 * MiB;
+/** Records in the cut stream, and each one's fill byte (never 0). */
+const RESUME_RECORDS = 5;
+const recordFill = (r: number): number => 0xa0 + r;
+
+/** Every bigmem register, one 4-byte read each (bigmem answers other access sizes with all ones). */
+async function bigmemRegs(c: VfioUserClient): Promise<Record<string, number>> {
+  const out: Record<string, number> = {};
+  for (const [name, at] of Object.entries(BigmemReg)) out[name] = await c.readU32(RegionIndex.BAR0, at);
+  return out;
+}
+
+/**
+ * A bigmem destination (8 MiB) whose client changed config space and a
+ * register, entered RESUMING and wrote a stream made with the project's
+ * writer: HEADER, then five 1 MiB MEMORY records whose every byte is
+ * non-zero (a different value per record), and no STATE or END, as from a
+ * client about to leave mid-stream. Checked applied: the records' bytes are
+ * in device memory, config space and registers are not a fresh device's
+ * (those of a fresh bigmem are returned, read by a client of their own).
+ */
+async function resumingWithMemoryWritten(): Promise<{ dstDev: BigmemDevice; dst: Served; b: VfioUserClient; freshConfig: Buffer; freshRegs: Record<string, number> }> {
+  const w = new StateStreamWriter();
+  w.header({ deviceType: "bigmem", deviceVersion: BIGMEM_STATE_VERSION, configSize: 256 });
+  for (let r = 0; r < RESUME_RECORDS; r++) w.memory(BigInt(r) * BigInt(MiB), Buffer.alloc(MiB, recordFill(r)));
+  const stream = Buffer.concat(w.readSegments(1 << 30));
+
+  const fresh = serve(new BigmemDevice({ size: "8M" }), "fresh");
+  const f = await connect(fresh);
+  const freshConfig = await f.regionRead(RegionIndex.CONFIG, 0, 256);
+  const freshRegs = await bigmemRegs(f);
+  expect(freshRegs.ID).toBe(BIGMEM_ID);
+
+  const dstDev = new BigmemDevice({ size: "8M" });
+  const dst = serve(dstDev, "dst");
+  const b = await connect(dst);
+  // the destination's own config-space and register state before the migration
+  await b.enableDevice({ memory: true, busMaster: true });
+  await b.regionWrite(RegionIndex.CONFIG, 0x10, Buffer.from([0x00, 0x00, 0x10, 0xfe]));
+  await b.writeU32(RegionIndex.BAR0, BigmemReg.DMA_GUEST, 0x1000);
+  expect(await bigmemRegs(b)).not.toEqual(freshRegs);
+  await b.setMigState(MigState.RESUMING);
+  await b.migDataWrite(stream);
+  for (let r = 0; r < RESUME_RECORDS; r++) {
+    const page = r * (MiB / 4096) + 7;
+    expect(Buffer.from(dstDev.precopyMemory.readPage(page)).equals(Buffer.alloc(4096, recordFill(r))), `page ${page} holds record ${r}`).toBe(true);
+  }
+  expect(Buffer.from(dst.server.endpoint.pci.config.snapshot()).equals(freshConfig)).toBe(false);
+  return { dstDev, dst, b, freshConfig, freshRegs };
+}
+
 describe("a client leaving", () => {
   it("after a completed migration (source in STOP, stream read to its END, DMA logging on): an ordinary end, back to RUNNING, state kept", async () => {
     const edu = new EduDevice();
@@ -143,58 +195,31 @@ describe("a client leaving", () => {
   });
 
   it("in RESUMING after MEMORY records of non-zero bytes were applied (bigmem 8 MiB): one warning; the next client reads all 8 MiB of device memory as zero, and config space and registers as a fresh device's", async () => {
-    // The stream, made with the project's writer: HEADER, then five 1 MiB
-    // MEMORY records whose every byte is non-zero (a different value per
-    // record), and no STATE or END: a client that leaves in the middle.
-    const SIZE = 8 * MiB;
-    const RECORDS = 5;
-    const fill = (r: number): number => 0xa0 + r;
-    const w = new StateStreamWriter();
-    w.header({ deviceType: "bigmem", deviceVersion: BIGMEM_STATE_VERSION, configSize: 256 });
-    for (let r = 0; r < RECORDS; r++) w.memory(BigInt(r) * BigInt(MiB), Buffer.alloc(MiB, fill(r)));
-    const stream = Buffer.concat(w.readSegments(1 << 30));
-
-    // what a fresh device looks like to a client: config space and registers
-    const fresh = serve(new BigmemDevice({ size: "8M" }), "fresh");
-    const f = await connect(fresh);
-    const freshConfig = await f.regionRead(RegionIndex.CONFIG, 0, 256);
-    // one 4-byte read per register (bigmem answers other access sizes with all ones)
-    const regs = async (c: VfioUserClient): Promise<Record<string, number>> => {
-      const out: Record<string, number> = {};
-      for (const [name, at] of Object.entries(BigmemReg)) out[name] = await c.readU32(RegionIndex.BAR0, at);
-      return out;
-    };
-    const freshRegs = await regs(f);
-    expect(freshRegs.ID).toBe(BIGMEM_ID);
-
-    const dstDev = new BigmemDevice({ size: "8M" });
-    const dst = serve(dstDev, "dst");
-    const b = await connect(dst);
-    // the destination's own config-space and register state before the migration
-    await b.enableDevice({ memory: true, busMaster: true });
-    await b.regionWrite(RegionIndex.CONFIG, 0x10, Buffer.from([0x00, 0x00, 0x10, 0xfe]));
-    await b.writeU32(RegionIndex.BAR0, BigmemReg.DMA_GUEST, 0x1000);
-    expect(await regs(b)).not.toEqual(freshRegs);
-    await b.setMigState(MigState.RESUMING);
-    await b.migDataWrite(stream);
-    // the records arrived and were applied: device memory holds them, config space is not a fresh device's
-    for (let r = 0; r < RECORDS; r++) {
-      const page = r * (MiB / 4096) + 7;
-      expect(Buffer.from(dstDev.precopyMemory.readPage(page)).equals(Buffer.alloc(4096, fill(r))), `page ${page} before the client left`).toBe(true);
-    }
-    expect(Buffer.from(dst.server.endpoint.pci.config.snapshot()).equals(freshConfig)).toBe(false);
+    const { dst, b, freshConfig, freshRegs } = await resumingWithMemoryWritten();
     const mark = dst.log.length;
     await leave(dst, b);
     expect(messages(dst, mark, 40)).toEqual(["client left while RESUMING: partial stream dropped, device reset to power-on"]);
     expect(dst.server.endpoint.migrationState).toBe(MigState.RUNNING);
 
     const d = await connect(dst);
-    const mem = await d.regionRead(RegionIndex.BAR2, 0, SIZE);
-    expect(mem.length).toBe(SIZE);
+    const mem = await d.regionRead(RegionIndex.BAR2, 0, RESUME_MEM);
+    expect(mem.length).toBe(RESUME_MEM);
     const nonZero = mem.findIndex((x) => x !== 0);
     expect(nonZero, `first non-zero byte of device memory at ${nonZero}`).toBe(-1);
     expect(await d.regionRead(RegionIndex.CONFIG, 0, 256)).toEqual(freshConfig);
-    expect(await regs(d)).toEqual(freshRegs);
+    expect(await bigmemRegs(d)).toEqual(freshRegs);
+  }, 30_000);
+
+  it("RESUMING -> STOP refusing that same cut stream (no STATE, no END): ERROR, and before any DEVICE_RESET device memory is all zero and config space a fresh device's", async () => {
+    const { dstDev, dst, b, freshConfig } = await resumingWithMemoryWritten();
+    await expect(b.setMigState(MigState.STOP)).rejects.toMatchObject({ errno: Errno.EINVAL });
+    expect(await b.getMigState()).toBe(MigState.ERROR);
+    // read the device itself: a DEVICE_RESET (the way out of ERROR) would reset it anyway
+    const pages = RESUME_MEM / 4096;
+    const dirty: number[] = [];
+    for (let p = 0; p < pages; p++) if (Buffer.from(dstDev.precopyMemory.readPage(p)).some((x) => x !== 0)) dirty.push(p);
+    expect(dirty, "pages not zero after the refused stream").toEqual([]);
+    expect(Buffer.from(dst.server.endpoint.pci.config.snapshot())).toEqual(freshConfig);
   }, 30_000);
 
   it("in ERROR: the device is reset and the next client finds RUNNING", async () => {
