@@ -153,7 +153,7 @@ describe("memory a client can make the server hold", () => {
     return 0;
   }
 
-  it("RESUMING: a MEMORY record for a device without memory is refused by the write that completes it; the server held at most that record", async () => {
+  it("RESUMING: MEMORY records for a device without memory are refused within the first record; the server held at most RESUME_BUFFER_BOUND, and V8 memory is back within SLACK after DEVICE_RESET", async () => {
     const s = await server();
     const c = await RawClient.ready(s.socketPath);
     expect(await c.errno(Command.DEVICE_FEATURE, migSet(MigState.RESUMING))).toBe(0);
