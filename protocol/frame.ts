@@ -158,6 +158,8 @@ export class FrameDecoder {
   #partial: { header: Header; buf: Buffer; have: number } | null = null;
   /** Fds waiting for the incomplete frame (or for the closing caller). */
   #pendingFds: number[] = [];
+  /** See `highWater`. */
+  #highWater = 0;
 
   constructor(options: FrameDecoderOptions) {
     this.#onFrame = options.onFrame;
@@ -185,6 +187,22 @@ export class FrameDecoder {
   /** Bytes held for an incomplete frame. */
   get bufferedBytes(): number {
     return this.#partial !== null ? this.#partial.have : this.#headerHave;
+  }
+
+  /**
+   * Most bytes this decoder ever held at once for an incomplete frame: the
+   * bytes of a split header, or, once a header is known, the frame's whole
+   * size (its buffer is allocated in one piece then). Frames delivered as
+   * views of a pushed chunk cost the decoder nothing. Never more than
+   * `maxFrameSize` at the time: a header is judged before its buffer exists.
+   * Survives close() (the server's accounting of what a client made it hold).
+   */
+  get highWater(): number {
+    return this.#highWater;
+  }
+
+  #hold(bytes: number): void {
+    if (bytes > this.#highWater) this.#highWater = bytes;
   }
 
   /** The header of the frame being assembled, once its 16 bytes arrived (diagnostics: a frame left incomplete). */
@@ -230,6 +248,7 @@ export class FrameDecoder {
           const take = Math.min(HEADER_SIZE - this.#headerHave, len);
           buf.copy(this.#headerBytes, this.#headerHave, 0, take);
           this.#headerHave += take;
+          this.#hold(this.#headerHave);
           pos = take;
           if (this.#headerHave < HEADER_SIZE) {
             this.#pendingFds.push(...fds);
@@ -239,6 +258,7 @@ export class FrameDecoder {
           const header = readHeader(this.#headerView, 0);
           this.#check(header);
           const assembled = Buffer.allocUnsafe(header.size);
+          this.#hold(header.size);
           this.#headerBytes.copy(assembled, 0);
           this.#partial = { header, buf: assembled, have: HEADER_SIZE };
           this.#headerHave = 0;
@@ -287,10 +307,12 @@ export class FrameDecoder {
         if (rest < HEADER_SIZE) {
           buf.copy(this.#headerBytes, 0, pos, len);
           this.#headerHave = rest;
+          this.#hold(rest);
         } else {
           // The loop above already checked this header and stopped for lack of body.
           const header = headerAt(buf, pos);
           const assembled = Buffer.allocUnsafe(header.size);
+          this.#hold(header.size);
           buf.copy(assembled, 0, pos, len);
           this.#partial = { header, buf: assembled, have: rest };
         }

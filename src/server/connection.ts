@@ -98,6 +98,16 @@ export class Connection implements SocketDma {
     return this.opts.session;
   }
 
+  /** Most bytes the frame decoder held at once for an incomplete frame (FrameDecoder.highWater). */
+  get decoderHighWater(): number {
+    return this.decoder.highWater;
+  }
+
+  /** Most bytes the transport ever had queued unsent to this client (Transport.queuedHighWater). */
+  get sendQueueHighWater(): number {
+    return this.opts.transport.queuedHighWater ?? 0;
+  }
+
   start(): void {
     this.opts.endpoint.attachClient(this, this.logLimitedFn);
     this.opts.transport.start({

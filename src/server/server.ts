@@ -45,6 +45,21 @@ export interface ServerOptions {
   faults?: readonly (string | Fault)[];
 }
 
+/**
+ * The server's own accounting of what clients made it hold: maxima over
+ * every connection so far (closed ones included) and the device's resume
+ * streams. Tests bound these instead of the process's RSS, which measures
+ * the allocator as much as the server.
+ */
+export interface ServerStats {
+  /** Most bytes a connection's frame decoder held at once for an incomplete frame. */
+  decoderHighWater: number;
+  /** Most bytes a connection's transport had queued unsent (a client not reading its replies). */
+  sendQueueHighWater: number;
+  /** Most bytes of a resume stream the device's migration held at once (MigrationController.resumeBufferHighWater). */
+  resumeBufferHighWater: number;
+}
+
 function closeFd(fd: number): void {
   if (fd >= 0) native.close(fd);
 }
@@ -57,6 +72,8 @@ export class VfioUserServer {
   private current: Connection | null = null;
   private listener: UnixServer | null = null;
   private connCounter = 0;
+  /** High-water marks of the connections that have closed. */
+  private closedStats = { decoderHighWater: 0, sendQueueHighWater: 0 };
   /** The client conformance report, when the options asked for one. */
   readonly conformance: ConformanceRecorder | null;
 
@@ -100,6 +117,8 @@ export class VfioUserServer {
       trace: this.opts.trace,
       requestTimeoutMs: this.opts.requestTimeoutMs,
       onClose: () => {
+        this.closedStats.decoderHighWater = Math.max(this.closedStats.decoderHighWater, conn.decoderHighWater);
+        this.closedStats.sendQueueHighWater = Math.max(this.closedStats.sendQueueHighWater, conn.sendQueueHighWater);
         if (this.current === conn) this.current = null;
       },
     });
@@ -117,6 +136,16 @@ export class VfioUserServer {
 
   get connection(): Connection | null {
     return this.current;
+  }
+
+  /** High-water marks over all connections so far, the current one included (see ServerStats). */
+  stats(): ServerStats {
+    const c = this.current;
+    return {
+      decoderHighWater: Math.max(this.closedStats.decoderHighWater, c?.decoderHighWater ?? 0),
+      sendQueueHighWater: Math.max(this.closedStats.sendQueueHighWater, c?.sendQueueHighWater ?? 0),
+      resumeBufferHighWater: this.endpoint.migration.resumeBufferHighWater,
+    };
   }
 
   private disposed: Promise<void> | null = null;

@@ -9,6 +9,9 @@
  * - Fds are passed through as the same numbers, not duplicated: ownership
  *   moves to the receiver, so the sender must not close them (fake numbers
  *   work too, as long as nobody uses them as real fds).
+ * - What one side sent and the other has not been handed yet counts as the
+ *   sender's `queuedBytes` (with its high-water mark), as a socket's send
+ *   queue would; delivery never blocks, so the pair is never congested.
  * - Data sent before start() is held until start(). Closing either end
  *   closes both: data already sent still reaches the other side, then both
  *   close handlers fire (once each, never synchronously inside close()).
@@ -28,6 +31,9 @@ class MemoryTransport implements Transport {
   /** Events for this side, delivered in order once started. */
   private inbox: Event[] = [];
   private scheduled = false;
+  /** Bytes this side sent that sit in the other side's inbox. */
+  private queued = 0;
+  private queuedMax = 0;
 
   constructor(name: string) {
     this.peer = `memory:${name}`;
@@ -40,6 +46,14 @@ class MemoryTransport implements Transport {
   /** Delivery is unbounded in memory: never congested. */
   readonly congested = false;
 
+  get queuedBytes(): number {
+    return this.queued;
+  }
+
+  get queuedHighWater(): number {
+    return this.queuedMax;
+  }
+
   start(handlers: TransportHandlers): void {
     if (this.started) throw new Error("MemoryTransport.start() called twice");
     this.started = true;
@@ -51,7 +65,14 @@ class MemoryTransport implements Transport {
     if (this._closed) return;
     const chunk = Buffer.concat(buffers as Uint8Array[]);
     if (chunk.length === 0 && (fds?.length ?? 0) === 0) return;
+    this.queued += chunk.length;
+    if (this.queued > this.queuedMax) this.queuedMax = this.queued;
     this.other.post({ kind: "data", chunk, fds: fds ? [...fds] : [] });
+  }
+
+  /** Data the other side sent left this side's inbox (delivered or dropped). */
+  private taken(ev: Event): void {
+    if (ev.kind === "data") this.other.queued -= ev.chunk.length;
   }
 
   close(): void {
@@ -60,6 +81,7 @@ class MemoryTransport implements Transport {
     this._closed = true;
     this.localClosed = true;
     // Nothing is delivered to this side after its own close().
+    for (const e of this.inbox) this.taken(e);
     this.inbox = this.inbox.filter((e) => e.kind === "close");
     if (!wasClosed) {
       this.post({ kind: "close" });
@@ -91,7 +113,9 @@ class MemoryTransport implements Transport {
     if (handlers === null) return;
     while (this.inbox.length > 0) {
       const ev = this.inbox.shift()!;
+      this.taken(ev);
       if (ev.kind === "close") {
+        for (const e of this.inbox) this.taken(e);
         this.inbox.length = 0;
         this.handlers = null;
         handlers.close();

@@ -38,6 +38,18 @@ export interface Transport {
    * producing replies, until `drain`.
    */
   readonly congested: boolean;
+  /**
+   * Bytes handed to send() that have not reached the peer yet (held by this
+   * transport). Both transports here keep it; a transport without a queue
+   * of its own may leave it out (counted as 0).
+   */
+  readonly queuedBytes?: number;
+  /**
+   * Most bytes ever queued at once (`queuedBytes`'s high-water mark, kept
+   * after close): the transport's own accounting of what a peer that does
+   * not read made it hold.
+   */
+  readonly queuedHighWater?: number;
   /** A short peer description for logs. */
   readonly peer: string;
 }

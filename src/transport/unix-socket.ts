@@ -67,7 +67,8 @@ export class UnixConnection implements Transport {
   private closeReason: { err: Error | undefined } | null = null;
   private queue: QueuedSend[] = [];
   /** Bytes in `queue`. */
-  private queuedBytes = 0;
+  private queued = 0;
+  private queuedMax = 0;
   /** Reading stopped for back-pressure. */
   private readPaused = false;
   private pollMask = 0;
@@ -92,6 +93,20 @@ export class UnixConnection implements Transport {
 
   get congested(): boolean {
     return this.readPaused;
+  }
+
+  /** Bytes waiting in the send queue (the socket did not take them yet). */
+  get queuedBytes(): number {
+    return this.queued;
+  }
+
+  /**
+   * Most bytes the send queue ever held. Back-pressure keeps it at most
+   * SEND_HIGH_WATER plus the message that crossed it, plus whatever is sent
+   * while congested without reading more (a server's own requests).
+   */
+  get queuedHighWater(): number {
+    return this.queuedMax;
   }
 
   start(handlers: TransportHandlers): void {
@@ -157,8 +172,9 @@ export class UnixConnection implements Transport {
       }
     }
     this.queue.push({ data: rest, fds: queuedFds });
-    this.queuedBytes += rest.length;
-    if (this.queuedBytes > SEND_HIGH_WATER) this.readPaused = true;
+    this.queued += rest.length;
+    if (this.queued > this.queuedMax) this.queuedMax = this.queued;
+    if (this.queued > SEND_HIGH_WATER) this.readPaused = true;
     this.updatePoll();
   }
 
@@ -173,7 +189,7 @@ export class UnixConnection implements Transport {
     native.close(this.fd);
     for (const q of this.queue) if (q.fds) for (const fd of q.fds) native.close(fd);
     this.queue = [];
-    this.queuedBytes = 0;
+    this.queued = 0;
     const handlers = this.handlers;
     this.handlers = null;
     if (handlers) process.nextTick(() => handlers.close(err));
@@ -260,15 +276,15 @@ export class UnixConnection implements Transport {
         const head = q[0]!;
         if (n >= head.data.length) {
           n -= head.data.length;
-          this.queuedBytes -= head.data.length;
+          this.queued -= head.data.length;
           q.shift();
         } else {
           head.data = head.data.subarray(n);
-          this.queuedBytes -= n;
+          this.queued -= n;
           n = 0;
         }
       }
-      if (this.readPaused && this.queuedBytes < SEND_LOW_WATER) {
+      if (this.readPaused && this.queued < SEND_LOW_WATER) {
         this.readPaused = false;
         this.updatePoll();
         this.handlers?.drain?.();

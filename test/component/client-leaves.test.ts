@@ -2,7 +2,7 @@
  * What a client leaving does to the device, by where its migration stood
  * (src/server/endpoint.ts detachClient), and the destination's RESUMING ->
  * RUNNING in one request as QEMU asks it (it never asks for STOP first).
- * In-process servers (edu, bigmem 1 MiB) and the project's client over real
+ * In-process servers (edu, bigmem) and the project's client over real
  * UNIX sockets; each case has its own servers and reads only its own log.
  */
 import { mkdtempSync, rmSync } from "node:fs";
@@ -10,12 +10,13 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { pino } from "pino";
 import { afterEach, describe, expect, it } from "vitest";
-import { BigmemDevice, BigmemReg } from "../../devices/bigmem/bigmem.ts";
+import { BIGMEM_ID, BIGMEM_STATE_VERSION, BigmemDevice, BigmemReg } from "../../devices/bigmem/bigmem.ts";
 import { EduDevice } from "../../devices/edu/edu.ts";
 import { Errno, MigState, RegionIndex } from "../../protocol/constants.ts";
 import { VfioUserError } from "../../protocol/errors.ts";
 import { VfioUserClient } from "../../src/client/client.ts";
 import type { Device } from "../../src/device/api.ts";
+import { StateStreamWriter } from "../../src/migration/state-stream.ts";
 import { VfioUserServer } from "../../src/server/server.ts";
 import { LogCapture } from "../e2e/harness/server.ts";
 
@@ -81,6 +82,58 @@ const messages = (s: Served, mark: number, minLevel = 30) =>
     .filter((r) => r.level >= minLevel)
     .map((r) => r.msg);
 
+/** Device memory of the bigmem used by the RESUMING cases. */
+const RESUME_MEM = 8 * MiB;
+/** Records in the cut stream, and each one's fill byte (never 0). */
+const RESUME_RECORDS = 5;
+const recordFill = (r: number): number => 0xa0 + r;
+
+/** Every bigmem register, one 4-byte read each (bigmem answers other access sizes with all ones). */
+async function bigmemRegs(c: VfioUserClient): Promise<Record<string, number>> {
+  const out: Record<string, number> = {};
+  for (const [name, at] of Object.entries(BigmemReg)) out[name] = await c.readU32(RegionIndex.BAR0, at);
+  return out;
+}
+
+/**
+ * A bigmem destination (8 MiB) whose client changed config space and a
+ * register, entered RESUMING and wrote a stream made with the project's
+ * writer: HEADER, then five 1 MiB MEMORY records whose every byte is
+ * non-zero (a different value per record), and no STATE or END, as from a
+ * client about to leave mid-stream. Checked applied: the records' bytes are
+ * in device memory, config space and registers are not a fresh device's
+ * (those of a fresh bigmem are returned, read by a client of their own).
+ */
+async function resumingWithMemoryWritten(): Promise<{ dstDev: BigmemDevice; dst: Served; b: VfioUserClient; freshConfig: Buffer; freshRegs: Record<string, number> }> {
+  const w = new StateStreamWriter();
+  w.header({ deviceType: "bigmem", deviceVersion: BIGMEM_STATE_VERSION, configSize: 256 });
+  for (let r = 0; r < RESUME_RECORDS; r++) w.memory(BigInt(r) * BigInt(MiB), Buffer.alloc(MiB, recordFill(r)));
+  const stream = Buffer.concat(w.readSegments(1 << 30));
+
+  const fresh = serve(new BigmemDevice({ size: "8M" }), "fresh");
+  const f = await connect(fresh);
+  const freshConfig = await f.regionRead(RegionIndex.CONFIG, 0, 256);
+  const freshRegs = await bigmemRegs(f);
+  expect(freshRegs.ID).toBe(BIGMEM_ID);
+
+  const dstDev = new BigmemDevice({ size: "8M" });
+  const dst = serve(dstDev, "dst");
+  const b = await connect(dst);
+  // the destination's own config-space and register state before the migration
+  await b.enableDevice({ memory: true, busMaster: true });
+  await b.regionWrite(RegionIndex.CONFIG, 0x10, Buffer.from([0x00, 0x00, 0x10, 0xfe]));
+  await b.writeU32(RegionIndex.BAR0, BigmemReg.DMA_GUEST, 0x1000);
+  expect(await bigmemRegs(b)).not.toEqual(freshRegs);
+  await b.setMigState(MigState.RESUMING);
+  await b.migDataWrite(stream);
+  for (let r = 0; r < RESUME_RECORDS; r++) {
+    const page = r * (MiB / 4096) + 7;
+    expect(Buffer.from(dstDev.precopyMemory.readPage(page)).equals(Buffer.alloc(4096, recordFill(r))), `page ${page} holds record ${r}`).toBe(true);
+  }
+  expect(Buffer.from(dst.server.endpoint.pci.config.snapshot()).equals(freshConfig)).toBe(false);
+  return { dstDev, dst, b, freshConfig, freshRegs };
+}
+
 describe("a client leaving", () => {
   it("after a completed migration (source in STOP, stream read to its END, DMA logging on): an ordinary end, back to RUNNING, state kept", async () => {
     const edu = new EduDevice();
@@ -141,38 +194,33 @@ describe("a client leaving", () => {
     expect(s.server.endpoint.migrationState).toBe(MigState.RUNNING);
   });
 
-  it("in RESUMING after part of a stream wrote device memory: the partial stream is dropped and the device, config space included, is at power-on", async () => {
-    // a real stream from a source whose memory and config space differ from power-on
-    // 4 MiB: four 1 MiB MEMORY records, so a stream cut short has applied the first ones
-    const src = serve(new BigmemDevice({ size: "4M" }), "src");
-    const a = await connect(src);
-    await a.writeU32(RegionIndex.BAR2, 0x2000, 0x5a5a5a5a);
-    await a.setMigState(MigState.STOP_COPY);
-    const stream = await saveAll(a);
-    expect(stream.length).toBeGreaterThan(4 * MiB);
-
-    const dstDev = new BigmemDevice({ size: "4M" });
-    const dst = serve(dstDev, "dst");
-    const b = await connect(dst);
-    // the destination's own config-space and register state before the migration
-    await b.enableDevice({ memory: true, busMaster: true });
-    await b.writeU32(RegionIndex.BAR0, BigmemReg.DMA_GUEST, 0x1000);
-    await b.writeU32(RegionIndex.BAR2, 0x3000, 0x77);
-    await b.setMigState(MigState.RESUMING);
-    await b.migDataWrite(stream.subarray(0, stream.length - 64 * 1024));
-    // the memory record carrying 0x2000 has arrived and was applied
-    expect(Buffer.from(dstDev.precopyMemory.readPage(2)).readUInt32LE(0)).toBe(0x5a5a5a5a);
+  it("in RESUMING after MEMORY records of non-zero bytes were applied (bigmem 8 MiB): one warning; the next client reads all 8 MiB of device memory as zero, and config space and registers as a fresh device's", async () => {
+    const { dst, b, freshConfig, freshRegs } = await resumingWithMemoryWritten();
     const mark = dst.log.length;
     await leave(dst, b);
     expect(messages(dst, mark, 40)).toEqual(["client left while RESUMING: partial stream dropped, device reset to power-on"]);
     expect(dst.server.endpoint.migrationState).toBe(MigState.RUNNING);
+
     const d = await connect(dst);
-    expect(await d.readU32(RegionIndex.BAR2, 0x2000)).toBe(0);
-    expect(await d.readU32(RegionIndex.BAR2, 0x3000)).toBe(0);
-    expect(await d.readU32(RegionIndex.BAR0, BigmemReg.DMA_GUEST)).toBe(0);
-    const command = (await d.regionRead(RegionIndex.CONFIG, 4, 2)).readUInt16LE(0);
-    expect(command & 0x6).toBe(0);
-  });
+    const mem = await d.regionRead(RegionIndex.BAR2, 0, RESUME_MEM);
+    expect(mem.length).toBe(RESUME_MEM);
+    const nonZero = mem.findIndex((x) => x !== 0);
+    expect(nonZero, `first non-zero byte of device memory at ${nonZero}`).toBe(-1);
+    expect(await d.regionRead(RegionIndex.CONFIG, 0, 256)).toEqual(freshConfig);
+    expect(await bigmemRegs(d)).toEqual(freshRegs);
+  }, 30_000);
+
+  it("RESUMING -> STOP refusing that same cut stream (no STATE, no END): ERROR, and before any DEVICE_RESET device memory is all zero and config space a fresh device's", async () => {
+    const { dstDev, dst, b, freshConfig } = await resumingWithMemoryWritten();
+    await expect(b.setMigState(MigState.STOP)).rejects.toMatchObject({ errno: Errno.EINVAL });
+    expect(await b.getMigState()).toBe(MigState.ERROR);
+    // read the device itself: a DEVICE_RESET (the way out of ERROR) would reset it anyway
+    const pages = RESUME_MEM / 4096;
+    const dirty: number[] = [];
+    for (let p = 0; p < pages; p++) if (Buffer.from(dstDev.precopyMemory.readPage(p)).some((x) => x !== 0)) dirty.push(p);
+    expect(dirty, "pages not zero after the refused stream").toEqual([]);
+    expect(Buffer.from(dst.server.endpoint.pci.config.snapshot())).toEqual(freshConfig);
+  }, 30_000);
 
   it("in ERROR: the device is reset and the next client finds RUNNING", async () => {
     const s = serve(new EduDevice(), "dst");

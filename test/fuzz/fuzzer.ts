@@ -16,8 +16,11 @@
  * and reconnects (the server closing such a connection is expected). Server
  * to client DMA requests are answered, sometimes badly. Every `probeEvery`
  * messages it closes its connection and a fresh one must do VERSION and read
- * the vendor id (health probe); the server's RSS and fd count are sampled
- * there. A server exit is a crash, a probe or reply timeout a hang.
+ * the vendor id (health probe); the server's fd count (and, for the log
+ * line, its RSS) are sampled there. At the end the result carries the
+ * server's V8 figures after a full GC at start and end, and its own
+ * accounting (VfioUserServer.stats()): what callers judge. A server exit is
+ * a crash, a probe or reply timeout a hang.
  *
  * All randomness comes from one seeded PRNG, so `--seed S` replays a run;
  * failures print the seed and the index of the message.
@@ -39,6 +42,7 @@ import {
 } from "../../protocol/index.ts";
 import { RecordKind, StateStreamWriter } from "../../src/migration/state-stream.ts";
 import { native } from "../../src/transport/native.ts";
+import type { ServerStats } from "../../src/server/server.ts";
 import { ChildServer, RawClient, eventually, frameBytes, le, sleep, versionBody, type Le } from "../robustness/raw-client.ts";
 
 // ------------------------------------------------------------------ PRNG
@@ -456,12 +460,19 @@ export interface FuzzResult {
   leaks: number;
   /** Human-readable failures, each with seed and message index. */
   failures: string[];
+  /** RSS, for the summary line only (it measures the allocator as much as the server). */
   rssStart: number;
   rssEnd: number;
   rssMax: number;
-  /** V8 heap in use after a full GC, at the start and at the end. */
+  /** V8 heap in use, external memory and ArrayBuffer memory after a full GC, at the start and at the end. */
   heapStart: number;
   heapEnd: number;
+  externalStart: number;
+  externalEnd: number;
+  arrayBuffersStart: number;
+  arrayBuffersEnd: number;
+  /** The server's accounting at the end (maxima over every connection of the run), or null if it was gone. */
+  stats: ServerStats | null;
   fdsStart: number;
   fdsEnd: number;
   fdsMax: number;
@@ -524,6 +535,11 @@ export async function runFuzz(opts: FuzzOptions): Promise<FuzzResult> {
     rssMax: 0,
     heapStart: 0,
     heapEnd: 0,
+    externalStart: 0,
+    externalEnd: 0,
+    arrayBuffersStart: 0,
+    arrayBuffersEnd: 0,
+    stats: null,
     fdsStart: 0,
     fdsEnd: 0,
     fdsMax: 0,
@@ -699,13 +715,18 @@ export async function runFuzz(opts: FuzzOptions): Promise<FuzzResult> {
     const g0 = await server.gcStats();
     res.rssStart = g0.rss;
     res.heapStart = g0.heapUsed;
+    res.externalStart = g0.external;
+    res.arrayBuffersStart = g0.arrayBuffers;
     res.rssMax = res.rssStart;
     res.fdsMax = res.fdsStart;
 
     let i = 0;
+    // bursts advance i by several messages at once: probe whenever i has passed the next multiple
+    let nextProbe = probeEvery;
     let lastReport = Date.now();
     while (i < opts.messages && Date.now() < deadline) {
-      if (i > 0 && i % probeEvery === 0) {
+      if (i >= nextProbe) {
+        nextProbe += probeEvery * Math.floor((i - nextProbe) / probeEvery + 1);
         await settle(i);
         await probe(i);
         sample();
@@ -805,9 +826,20 @@ export async function runFuzz(opts: FuzzOptions): Promise<FuzzResult> {
           res.fdsLeftOver[k] = (res.fdsLeftOver[k] ?? 0) + 1;
         }
       }
-      const g1 = await server.gcStats().catch(() => ({ rss: server.rss(), heapUsed: 0 }));
-      res.rssEnd = g1.rss;
-      res.heapEnd = g1.heapUsed;
+      try {
+        const g1 = await server.gcStats();
+        res.rssEnd = g1.rss;
+        res.heapEnd = g1.heapUsed;
+        res.externalEnd = g1.external;
+        res.arrayBuffersEnd = g1.arrayBuffers;
+        res.stats = await server.serverStats();
+      } catch (err) {
+        // a server that does not answer its control channel is stuck: a hang (once)
+        if (res.hangs === 0) {
+          res.hangs++;
+          res.failures.push(`HANG at the end (seed ${opts.seed}): the server did not answer gc/stats: ${(err as Error).message}`);
+        }
+      }
     }
     res.ms = Date.now() - t0;
     await server.stop();
@@ -819,7 +851,8 @@ export function summary(r: FuzzResult): string {
   const mib = (b: number): string => (b / 1048576).toFixed(1);
   return (
     `fuzz: seed ${r.seed}, messages ${r.messages}, connections ${r.connections}, crashes ${r.crashes}, hangs ${r.hangs}, ` +
-    `RSS start ${mib(r.rssStart)} MiB end ${mib(r.rssEnd)} MiB (max ${mib(r.rssMax)}), V8 heap ${mib(r.heapStart)} -> ${mib(r.heapEnd)} MiB, fds start ${r.fdsStart} end ${r.fdsEnd} (max ${r.fdsMax}), ` +
+    `V8 heap ${mib(r.heapStart)} -> ${mib(r.heapEnd)} MiB, external ${mib(r.externalStart)} -> ${mib(r.externalEnd)} MiB, arrayBuffers ${mib(r.arrayBuffersStart)} -> ${mib(r.arrayBuffersEnd)} MiB, ` +
+    `server stats ${JSON.stringify(r.stats)}, RSS start ${mib(r.rssStart)} MiB end ${mib(r.rssEnd)} MiB (max ${mib(r.rssMax)}, not judged), fds start ${r.fdsStart} end ${r.fdsEnd} (max ${r.fdsMax}), ` +
     (r.fdsEnd !== r.fdsStart ? `fds left over ${JSON.stringify(r.fdsLeftOver)}, ` : "") +
     `replies ${r.replies} (errors ${r.errorReplies}), server closes ${r.serverCloses}, DMA requests ${r.dmaRequests}, probes ${r.probes}, refused ${r.refused}, ` +
     `${(r.ms / 1000).toFixed(1)} s, ${Math.round((r.messages * 1000) / Math.max(1, r.ms))} msg/s`

@@ -1,9 +1,14 @@
 /**
  * A server process for the robustness tests and the fuzzer: one device on
  * one socket, limits from the command line, and a tiny control channel on
- * stdin ("gc" runs a full GC and answers "GC <rss> <heapUsed> <external>
- * <arrayBuffers>" on stdout) so the
- * parent can read a settled RSS. Prints "READY <pid>" once listening.
+ * stdin, answered on stdout:
+ * - "gc" runs a full GC and answers "GC <rss> <heapUsed> <external>
+ *   <arrayBuffers>" (the V8 figures are what tests bound; RSS is only
+ *   printed: it measures the allocator as much as the server);
+ * - "stats" answers "STATS <decoderHighWater> <sendQueueHighWater>
+ *   <resumeBufferHighWater>", the server's own accounting of what clients
+ *   made it hold (VfioUserServer.stats(), maxima over all connections).
+ * Prints "READY <pid>" once listening.
  * SIGTERM / SIGINT close the server and exit 0.
  *
  *   node --expose-gc --import tsx test/fuzz/server-child.ts --socket PATH
@@ -74,6 +79,9 @@ process.stdin.on("data", (s: string) => {
       gc?.();
       const m = process.memoryUsage();
       process.stdout.write(`GC ${m.rss} ${m.heapUsed} ${m.external} ${m.arrayBuffers}\n`);
+    } else if (cmd === "stats") {
+      const st = server.stats();
+      process.stdout.write(`STATS ${st.decoderHighWater} ${st.sendQueueHighWater} ${st.resumeBufferHighWater}\n`);
     }
   }
 });

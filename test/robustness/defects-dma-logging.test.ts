@@ -17,7 +17,7 @@ import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { BigmemDevice } from "../../devices/bigmem/bigmem.ts";
 import { Command, Errno, Feature, FeatureFlags, decodeVersion, parseCapabilities } from "../../protocol/index.ts";
 import { VfioUserClient } from "../../src/client/client.ts";
-import { RawClient, eventually, le, startInProcessServer, versionBody, type InProcessServer } from "./raw-client.ts";
+import { RawClient, eventually, le, startInProcessServer, versionBody, waitUntil, type InProcessServer } from "./raw-client.ts";
 
 const GiB = 1n << 30n;
 const PAGE = 4096n;
@@ -98,7 +98,7 @@ describe("DMA_LOGGING_REPORT serves bitmaps up to the advertised max_bitmap_size
     }));
 
   it("this repo's client asks for and takes bitmaps up to the negotiated size (one request for 2 MiB)", async () => {
-    await eventually(() => srv.server.connection === null);
+    await waitUntil(() => srv.server.connection === null, "the server to let go of the client");
     const client = await VfioUserClient.connect(srv.socketPath);
     try {
       await client.negotiate();

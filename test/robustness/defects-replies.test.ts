@@ -31,7 +31,7 @@ import { native } from "../../src/transport/native.ts";
 import { UnixConnection } from "../../src/transport/unix-socket.ts";
 import { VfioUserServer } from "../../src/server/server.ts";
 import type { Reply, Request } from "../../src/server/dispatcher.ts";
-import { captureLogger, eventfd, eventually, tmpDir, type LogLine } from "./raw-client.ts";
+import { captureLogger, eventfd, tmpDir, waitUntil, type LogLine } from "./raw-client.ts";
 
 /** How many fds the stand-in handler returns, per request (set by each case). */
 let replyFds = 0;
@@ -129,7 +129,7 @@ afterAll(() => {
 });
 
 async function session<T>(maxMsgFds: number, fn: (c: FdClient) => Promise<T>): Promise<T> {
-  await eventually(() => server.connection === null);
+  await waitUntil(() => server.connection === null, "the server to let go of the client");
   const c = new FdClient(socketPath);
   try {
     await c.negotiate(maxMsgFds);
@@ -168,7 +168,7 @@ describe("the client's max_msg_fds bounds the fds of a reply", () => {
     }));
 
   it("no max_msg_fds in VERSION means 1 (spec default)", async () => {
-    await eventually(() => server.connection === null);
+    await waitUntil(() => server.connection === null, "the server to let go of the client");
     const c = new FdClient(socketPath);
     try {
       await c.request(Command.VERSION, encodeVersion({ major: 0, minor: 0, data: "" }));

@@ -5,9 +5,14 @@
  * offending bytes are closed. A reply-type frame nobody asked for is not a
  * fault: it is logged and dropped. One client at a time: a second
  * concurrent client is closed at once and the first one keeps working.
+ *
+ * The server is shared by the file; each case reads only the log lines
+ * written since it began (a mark taken at its start), and the decoder
+ * accounting of its own connection.
  */
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
 import { Command, HEADER_SIZE, HeaderFlags, RegionIndex, encodeRegionReadRequest } from "../../protocol/index.ts";
+import type { Connection } from "../../src/server/connection.ts";
 import { native } from "../../src/transport/native.ts";
 import {
   RawClient,
@@ -19,7 +24,9 @@ import {
   sleep,
   startInProcessServer,
   versionBody,
+  waitUntil,
   type InProcessServer,
+  type LogLine,
 } from "./raw-client.ts";
 
 const VENDOR = 0x1234;
@@ -43,6 +50,15 @@ beforeEach(async () => {
   await c.waitClosed();
   await waitNoClient();
 });
+
+/** Log lines written since `mark` (srv.logs.length at the start of a case). */
+const logsSince = (mark: number): LogLine[] => srv.logs.slice(mark);
+
+/** The server's side of the client that just connected (one client at a time). */
+async function serverSide(): Promise<Connection> {
+  await waitUntil(() => srv.server.connection !== null, "the server to accept the connection");
+  return srv.server.connection!;
+}
 
 async function waitNoClient(): Promise<void> {
   expect(await eventually(() => srv.server.connection === null, 2000), "the previous client is gone").toBe(true);
@@ -105,31 +121,39 @@ const faults: Fault[] = [
 
 describe("frame-level faults close only the offending connection", () => {
   for (const f of faults) {
-    it(f.name, async () => {
+    it(`${f.name}: closed with one "bad frame" line, nothing of the frame buffered${f.withFd ? ", the fd closed" : ""}${f.answered !== undefined ? ", the command before it answered" : ""}; the next client finds the device as it was`, async () => {
+      const mark = srv.logs.length;
       const c = f.afterVersion
         ? await RawClient.ready(srv.socketPath, { capabilities: { max_data_xfer_size: 4096 } })
         : RawClient.connect(srv.socketPath);
+      const conn = await serverSide();
       const m = f.withFd ? memfdNamed() : null;
-      const rssBefore = process.memoryUsage().arrayBuffers;
+      const arrayBuffersBefore = process.memoryUsage().arrayBuffers;
       c.sendRaw(f.bytes, m ? [m.fd] : undefined);
       if (m) native.close(m.fd);
       await c.waitClosed(3000);
       if (f.answered !== undefined) expect(c.hasReply(f.answered)).toBe(true);
-      expect(process.memoryUsage().arrayBuffers - rssBefore).toBeLessThan(32 << 20);
+      // judged from the header alone: the decoder allocated nothing for the bad frame (whole frames in a chunk cost it nothing)
+      expect(conn.decoderHighWater).toBe(0);
+      expect(process.memoryUsage().arrayBuffers - arrayBuffersBefore).toBeLessThan(32 << 20);
       if (m) expect(serverHolds(m.name), "server kept the fd of the bad frame").toBe(false);
-      expect(srv.logs.some((l) => l.msg === "bad frame; closing the connection")).toBe(true);
+      expect(logsSince(mark).filter((l) => l.msg === "bad frame; closing the connection")).toHaveLength(1);
       await expectServerFine();
     });
   }
 
-  it("a bad header split across two sends", async () => {
+  it("a bad header split across two sends: open after the first part, closed after the rest with one \"bad frame\" line; the decoder held the 16 header bytes, no more", async () => {
+    const mark = srv.logs.length;
     const c = await RawClient.ready(srv.socketPath);
+    const conn = await serverSide();
     const bad = header({ command: 77, size: 5 });
     c.sendRaw(bad.subarray(0, 5));
     await sleep(20);
     expect(c.closed).toBe(false);
     c.sendRaw(bad.subarray(5));
     await c.waitClosed(3000);
+    expect(conn.decoderHighWater).toBe(HEADER_SIZE);
+    expect(logsSince(mark).filter((l) => l.msg === "bad frame; closing the connection")).toHaveLength(1);
     await expectServerFine();
   });
 
@@ -185,9 +209,9 @@ describe("frame-level faults close only the offending connection", () => {
 
 describe("replies nobody asked for are dropped, not fatal", () => {
   it("a reply-type frame with an unknown msgId is logged and ignored; its fds are closed", async () => {
+    const before = srv.logs.length;
     const c = await RawClient.ready(srv.socketPath);
     const m = memfdNamed();
-    const before = srv.logs.length;
     c.sendRaw(frameBytes({ msgId: 0x4242, command: Command.DMA_READ, flags: HeaderFlags.TYPE_REPLY, error: 0 }, le().u64(0).u64(4).u32(0).buf), [m.fd]);
     native.close(m.fd);
     c.sendRaw(frameBytes({ msgId: 0x4343, command: Command.REGION_READ, flags: HeaderFlags.TYPE_REPLY | HeaderFlags.ERROR, error: 5 }));
@@ -195,7 +219,7 @@ describe("replies nobody asked for are dropped, not fatal", () => {
     expect(await c.vendorId()).toBe(VENDOR);
     expect(c.closed).toBe(false);
     expect(serverHolds(m.name)).toBe(false);
-    const ignored = srv.logs.slice(before).filter((l) => l.msg === "reply to no request of ours; ignored");
+    const ignored = logsSince(before).filter((l) => l.msg === "reply to no request of ours; ignored");
     expect(ignored.map((l) => l.msgId)).toEqual([0x4242, 0x4343, 0x4444]);
     c.close();
     await c.waitClosed();
@@ -204,7 +228,8 @@ describe("replies nobody asked for are dropped, not fatal", () => {
 });
 
 describe("one client at a time", () => {
-  it("a second concurrent client is closed at once (its fds too); the first keeps working", async () => {
+  it("a second concurrent client is closed at once (its fds too) with one \"refused\" line; eight more likewise; the first keeps working", async () => {
+    const mark = srv.logs.length;
     const first = await RawClient.ready(srv.socketPath);
     const second = RawClient.connect(srv.socketPath);
     const m = memfdNamed();
@@ -213,11 +238,13 @@ describe("one client at a time", () => {
     await second.waitClosed(3000);
     expect(second.pendingReplies).toBe(0);
     expect(await eventually(() => !serverHolds(m.name), 1000)).toBe(true);
-    expect(srv.logs.some((l) => l.msg === "refused a second client: one client at a time")).toBe(true);
+    const refused = (): number => logsSince(mark).filter((l) => l.msg === "refused a second client: one client at a time").length;
+    expect(refused()).toBe(1);
     expect(await first.vendorId()).toBe(VENDOR);
     // many at once
     const others = Array.from({ length: 8 }, () => RawClient.connect(srv.socketPath));
     await Promise.all(others.map((o) => o.waitClosed(3000)));
+    expect(refused()).toBe(9);
     expect(await first.vendorId()).toBe(VENDOR);
     expect((await first.read(RegionIndex.BAR0, DMA_SRC, 8)).readBigUInt64LE(0)).toBe(marker);
     first.close();

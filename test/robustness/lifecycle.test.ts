@@ -322,7 +322,7 @@ describe("the CLI process", () => {
     await first.exit;
     expect(fs.existsSync(sock)).toBe(true); // the crash left it behind
     const second = startCli(sock);
-    await eventually(() => second.out.includes("serving"), 20_000, 20);
+    await cliReady(second, sock);
     expect(await healthProbe(sock)).toBe(VENDOR);
     second.proc.kill("SIGTERM");
     expect((await second.exit).code).toBe(0);

@@ -12,7 +12,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { COMMAND_NAMES, Command, Errno, HeaderFlags, RegionIndex } from "../../protocol/index.ts";
-import { RawClient, eventually, frameBytes, le, startInProcessServer, type InProcessServer } from "./raw-client.ts";
+import { RawClient, frameBytes, le, startInProcessServer, waitUntil, type InProcessServer } from "./raw-client.ts";
 
 const ATTACK = 2000;
 /** What "does not flood" means here: lines logged for ATTACK hostile messages. */
@@ -50,7 +50,7 @@ describe("refusals are logged with msgId, command and errno (info level)", () =>
   });
 
   it("a frame fault is logged with its reason (error level) and the connection closed", async () => {
-    await eventually(() => srv.server.connection === null);
+    await waitUntil(() => srv.server.connection === null, "the server to let go of the client");
     const c = await RawClient.ready(srv.socketPath);
     const before = srv.logs.length;
     c.sendRaw(frameBytes({ msgId: 0x99, command: 77, size: 8, flags: 0, error: 0 }));
@@ -72,7 +72,7 @@ describe("under attack the log does not flood", () => {
   afterAll(() => srv?.stop());
 
   async function linesFor(attack: (c: RawClient) => void): Promise<number> {
-    await eventually(() => srv.server.connection === null);
+    await waitUntil(() => srv.server.connection === null, "the server to let go of the client");
     const c = await RawClient.ready(srv.socketPath);
     const before = srv.logs.length;
     attack(c);
@@ -108,13 +108,13 @@ describe("under attack the log does not flood", () => {
   });
 
   it(`connection churn: lines per connect/disconnect at info level (measured, not limited today)`, async () => {
-    await eventually(() => srv.server.connection === null);
+    await waitUntil(() => srv.server.connection === null, "the server to let go of the client");
     const before = srv.logs.length;
     for (let i = 0; i < 50; i++) {
       const c = await RawClient.ready(srv.socketPath);
       c.close();
       await c.waitClosed();
-      await eventually(() => srv.server.connection === null);
+      await waitUntil(() => srv.server.connection === null, "the server to let go of the client");
     }
     const perConnection = (srv.logs.length - before) / 50;
     console.log(`connection churn: ${perConnection} log lines per connection at info level`);

@@ -1,8 +1,9 @@
 /**
  * Helpers for the robustness suites and the fuzzer: a raw vfio-user client
  * that can send anything (well-formed or not) over a real UNIX socket, an
- * in-process server with a log capture, a child-process server, and probes
- * of a process's open fds and RSS.
+ * in-process server with a log capture, a child-process server (with its
+ * own accounting and V8 figures on request), and probes of a process's open
+ * fds and RSS (RSS for printing, not for asserting).
  *
  * Deliberately independent of src/client/: it speaks the wire through the
  * protocol/ codecs only, so a client bug cannot hide a server bug.
@@ -32,7 +33,7 @@ import {
 } from "../../protocol/index.ts";
 import { native } from "../../src/transport/native.ts";
 import { UnixConnection } from "../../src/transport/unix-socket.ts";
-import { VfioUserServer, type ServerOptions } from "../../src/server/server.ts";
+import { VfioUserServer, type ServerOptions, type ServerStats } from "../../src/server/server.ts";
 import type { ServerLimits } from "../../src/server/session.ts";
 import type { Device } from "../../src/device/api.ts";
 
@@ -369,7 +370,12 @@ export function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
 
-/** Polls until pred() holds or the time is up; returns whether it held. */
+/** Polls until pred() holds; throws after timeoutMs, saying what it waited for. */
+export async function waitUntil(pred: () => boolean, what: string, timeoutMs = 2000, stepMs = 5): Promise<void> {
+  if (!(await eventually(pred, timeoutMs, stepMs))) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+}
+
+/** Polls until pred() holds or the time is up; returns whether it held (the caller asserts it). */
 export async function eventually(pred: () => boolean, timeoutMs = 2000, stepMs = 5): Promise<boolean> {
   const end = Date.now() + timeoutMs;
   for (;;) {
@@ -488,17 +494,24 @@ export class ChildServer {
     });
   }
 
-  /** Runs a full GC in the server, then returns its RSS (bytes). */
-  async gcRss(timeoutMs = 10_000): Promise<number> {
-    return (await this.gcStats(timeoutMs)).rss;
-  }
-
-  /** Runs a full GC in the server; its RSS (from /proc) and V8's heap figures after it. */
+  /**
+   * Runs a full GC in the server; V8's heap figures after it (what tests
+   * bound), and its RSS from /proc (for printing only: it measures the
+   * allocator's high-water marks as much as the server).
+   */
   async gcStats(timeoutMs = 10_000): Promise<{ rss: number; heapUsed: number; external: number; arrayBuffers: number }> {
     const wait = this.waitLine((l) => l.startsWith("GC "), timeoutMs, "GC reply");
     this.proc.stdin!.write("gc\n");
     const [, , heapUsed, external, arrayBuffers] = (await wait).split(" ").map(Number);
     return { rss: rssOf(this.pid), heapUsed: heapUsed!, external: external!, arrayBuffers: arrayBuffers! };
+  }
+
+  /** The server's own accounting (VfioUserServer.stats()): high-water marks over all connections so far. */
+  async serverStats(timeoutMs = 10_000): Promise<ServerStats> {
+    const wait = this.waitLine((l) => l.startsWith("STATS "), timeoutMs, "STATS reply");
+    this.proc.stdin!.write("stats\n");
+    const [, decoderHighWater, sendQueueHighWater, resumeBufferHighWater] = (await wait).split(" ").map(Number);
+    return { decoderHighWater: decoderHighWater!, sendQueueHighWater: sendQueueHighWater!, resumeBufferHighWater: resumeBufferHighWater! };
   }
 
   fds(): number {

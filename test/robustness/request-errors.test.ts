@@ -6,8 +6,13 @@
  * works right after). Fds sent with refused messages must be closed by the
  * server: memfds carry a unique name and are looked up in /proc/self/fd
  * once our own copies are closed.
+ *
+ * Every case has its own server and its own negotiated connection (made in
+ * beforeEach, gone in afterEach), and sets up whatever state it needs (a
+ * migration state, a failed stream), so any case passes run alone
+ * (`npx vitest run test/robustness/request-errors.test.ts -t NAME`).
  */
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import {
   Command,
   DmaMapFlags,
@@ -33,6 +38,7 @@ import {
   memfdMappings,
   startInProcessServer,
   versionBody,
+  waitUntil,
   type InProcessServer,
 } from "./raw-client.ts";
 
@@ -46,15 +52,20 @@ let srv: InProcessServer;
 let c: RawClient;
 let memfdSerial = 0;
 
-beforeAll(async () => {
+beforeEach(async () => {
   srv = startInProcessServer({ limits: { maxDmaMaps: MAX_MAPS, maxDataXferSize: MAX_XFER } });
   c = await RawClient.ready(srv.socketPath);
 });
 
-afterAll(() => {
+afterEach(() => {
   c?.close();
   srv?.stop();
 });
+
+/** Waits until the server has let go of its client (one client at a time); throws after 1 s. */
+async function waitNoClient(): Promise<void> {
+  await waitUntil(() => srv.server.connection === null, "the server to let go of its client", 1000);
+}
 
 // ------------------------------------------------------------ body makers
 
@@ -141,11 +152,11 @@ function run(cases: readonly Case[]): void {
 // ------------------------------------------------------------ VERSION
 
 describe("VERSION and ordering", () => {
-  /** Each case on a fresh connection: VERSION state is per connection. */
+  /** The case on a connection of its own that has not done VERSION (the negotiated one is closed first). */
   async function fresh(fn: (c: RawClient) => Promise<void>): Promise<void> {
     c.close();
     await c.waitClosed();
-    await expectEventuallyFree();
+    await waitNoClient();
     const x = RawClient.connect(srv.socketPath);
     try {
       await fn(x);
@@ -155,14 +166,7 @@ describe("VERSION and ordering", () => {
       expect(await x.vendorId()).toBe(VENDOR);
     } finally {
       x.close();
-      await x.waitClosed();
-      await expectEventuallyFree();
-      c = await RawClient.ready(srv.socketPath);
     }
-  }
-  async function expectEventuallyFree(): Promise<void> {
-    for (let i = 0; i < 200 && srv.server.connection !== null; i++) await new Promise((r) => setTimeout(r, 5));
-    expect(srv.server.connection).toBeNull();
   }
 
   it("a command before VERSION -> EINVAL", () =>
@@ -180,12 +184,11 @@ describe("VERSION and ordering", () => {
   it("major 1 -> ENOTSUP, then the server closes the connection", async () => {
     c.close();
     await c.waitClosed();
-    await expectEventuallyFree();
+    await waitNoClient();
     const x = RawClient.connect(srv.socketPath);
     expect(await x.errno(Command.VERSION, le().u16(1).u16(0).buf)).toBe(ENOTSUP);
     await x.waitClosed();
-    await expectEventuallyFree();
-    c = await RawClient.ready(srv.socketPath);
+    await waitNoClient();
   });
   it("VERSION with an fd -> EINVAL, fd closed", () =>
     fresh(async (x) => {
@@ -522,8 +525,7 @@ describe("MIG_DATA_READ / MIG_DATA_WRITE / MIG_GET_PRECOPY_INFO", () => {
   });
 
   describe("in PRE_COPY", () => {
-    beforeAll(() => toState(MigState.PRE_COPY));
-    afterAll(() => toState(MigState.RUNNING));
+    beforeEach(() => toState(MigState.PRE_COPY));
     run([
       { name: "MIG_DATA_READ short body", cmd: Command.MIG_DATA_READ, body: Buffer.alloc(7), errno: EINVAL },
       { name: "MIG_DATA_READ long body", cmd: Command.MIG_DATA_READ, body: Buffer.concat([migData(72, 64), Buffer.alloc(1)]), errno: EINVAL },
@@ -544,14 +546,9 @@ describe("MIG_DATA_READ / MIG_DATA_WRITE / MIG_GET_PRECOPY_INFO", () => {
   });
 
   describe("in RESUMING", () => {
-    beforeAll(async () => {
+    beforeEach(async () => {
       await toState(MigState.STOP);
       await toState(MigState.RESUMING);
-    });
-    afterAll(async () => {
-      // the garbage written below failed the stream: reset brings the device back to RUNNING
-      expect(await c.errno(Command.DEVICE_RESET)).toBe(0);
-      expect(srv.server.endpoint.migrationState).toBe(MigState.RUNNING);
     });
     run([
       { name: "MIG_DATA_READ (not saving)", cmd: Command.MIG_DATA_READ, body: migData(72, 64), errno: EINVAL },
@@ -562,9 +559,16 @@ describe("MIG_DATA_READ / MIG_DATA_WRITE / MIG_GET_PRECOPY_INFO", () => {
       { name: `MIG_DATA_WRITE above max_data_xfer_size (${MAX_XFER + 1}, data included)`, cmd: Command.MIG_DATA_WRITE, body: migData(8 + MAX_XFER + 1, MAX_XFER + 1, new Uint8Array(MAX_XFER + 1)), errno: EINVAL },
       { name: "MIG_DATA_WRITE with an fd", cmd: Command.MIG_DATA_WRITE, body: migData(16, 8, Buffer.from("VUDS\x01\x00\x00\x00")), errno: EINVAL, fds: ["memfd"] },
       { name: "MIG_DATA_WRITE of a stream with a bad magic", cmd: Command.MIG_DATA_WRITE, body: migData(16, 8, Buffer.from("XXXX\x01\x00\x00\x00")), errno: EINVAL },
-      { name: "MIG_DATA_WRITE after the stream failed", cmd: Command.MIG_DATA_WRITE, body: migData(16, 8, Buffer.from("VUDS\x01\x00\x00\x00")), errno: EINVAL },
       { name: "MIG_GET_PRECOPY_INFO (not PRE_COPY)", cmd: Command.MIG_GET_PRECOPY_INFO, body: le().u32(24).u32(0).buf, errno: EINVAL },
     ]);
+
+    it("MIG_DATA_WRITE: a good preamble, then a bad magic -> EINVAL, then a good preamble after the stream failed -> EINVAL; DEVICE_RESET recovers RUNNING", async () => {
+      expect(await c.errno(Command.MIG_DATA_WRITE, migData(16, 8, Buffer.from("XXXX\x01\x00\x00\x00")))).toBe(EINVAL);
+      expect(await c.errno(Command.MIG_DATA_WRITE, migData(16, 8, Buffer.from("VUDS\x01\x00\x00\x00")))).toBe(EINVAL);
+      expect(await c.vendorId()).toBe(VENDOR);
+      expect(await c.errno(Command.DEVICE_RESET)).toBe(0);
+      expect(srv.server.endpoint.migrationState).toBe(MigState.RUNNING);
+    });
   });
 });
 
@@ -589,7 +593,10 @@ describe("header fields of a command", () => {
 });
 
 describe("a 2 GiB size field never allocates 2 GiB", () => {
-  it("the refusals above left the server's memory alone", async () => {
+  // The server runs in this process: ArrayBuffer memory (shared with the
+  // test; no GC runs in between) shows a handler's allocation near 2 GiB,
+  // referenced or not yet collected. RSS is not asserted.
+  it("six requests with a 2 GiB size field: each refused, ArrayBuffer memory grew < 64 MiB", async () => {
     const before = process.memoryUsage();
     const cases: [number, Buffer][] = [
       [Command.REGION_READ, access(RegionIndex.BAR0, 0n, 2 ** 31)],
@@ -602,6 +609,5 @@ describe("a 2 GiB size field never allocates 2 GiB", () => {
     for (const [cmd, body] of cases) expect(await c.errno(cmd, body)).not.toBe(0);
     const after = process.memoryUsage();
     expect(after.arrayBuffers - before.arrayBuffers).toBeLessThan(64 << 20);
-    expect(after.rss - before.rss).toBeLessThan(256 << 20);
   });
 });

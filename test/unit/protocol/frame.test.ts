@@ -247,3 +247,76 @@ describe("maxFrameSizeFor", () => {
     expect(() => maxFrameSizeFor(-1)).toThrow(RangeError);
   });
 });
+
+describe("FrameDecoder.highWater: the most it held at once for an incomplete frame", () => {
+  /** One command frame of exactly `size` bytes (body zeros). */
+  const frameOf = (size: number, msgId = 1): Buffer => Buffer.concat(encodeMessage(commandHeader(msgId, Command.REGION_WRITE), Buffer.alloc(size - HEADER_SIZE)));
+  const decoder = (frames: Frame[] = []): FrameDecoder => new FrameDecoder({ onFrame: (f) => frames.push(f) });
+
+  it("frames wholly inside a chunk cost nothing: 0", () => {
+    const frames: Frame[] = [];
+    const dec = decoder(frames);
+    dec.push(Buffer.concat([frameOf(100, 1), frameOf(300, 2), frameOf(16, 3)]));
+    expect(frames).toHaveLength(3);
+    expect(dec.highWater).toBe(0);
+  });
+
+  it("a split header counts its bytes; once the header is whole, the frame's full size (its buffer is allocated then)", () => {
+    const frames: Frame[] = [];
+    const dec = decoder(frames);
+    const f = frameOf(1000);
+    dec.push(f.subarray(0, 10));
+    expect(dec.highWater).toBe(10);
+    dec.push(f.subarray(10, 16));
+    expect(dec.highWater).toBe(1000);
+    expect(dec.bufferedBytes).toBe(16);
+    dec.push(f.subarray(16, 600));
+    dec.push(f.subarray(600));
+    expect(frames).toHaveLength(1);
+    expect(dec.bufferedBytes).toBe(0);
+    expect(dec.highWater).toBe(1000);
+  });
+
+  it("the start of a frame at the end of a chunk: that frame's size; smaller ones later do not lower it", () => {
+    const frames: Frame[] = [];
+    const dec = decoder(frames);
+    const big = frameOf(500, 2);
+    dec.push(Buffer.concat([frameOf(64, 1), big.subarray(0, 20)]));
+    expect(frames).toHaveLength(1);
+    expect(dec.highWater).toBe(500);
+    dec.push(big.subarray(20));
+    const small = frameOf(200, 3);
+    dec.push(small.subarray(0, 5));
+    dec.push(small.subarray(5));
+    expect(frames).toHaveLength(3);
+    expect(dec.highWater).toBe(500);
+  });
+
+  it("the largest of several partial frames, exactly", () => {
+    const dec = decoder();
+    for (const size of [40, 4096, 70_000, 1234]) {
+      const f = frameOf(size);
+      dec.push(f.subarray(0, 17));
+      dec.push(f.subarray(17));
+    }
+    expect(dec.highWater).toBe(70_000);
+  });
+
+  it("a header over the limit allocates nothing: only the header's own bytes were held", () => {
+    const dec = new FrameDecoder({ onFrame: () => {}, maxFrameSize: 4096 });
+    const bad = header(2 ** 31, Command.REGION_WRITE);
+    expect(() => dec.push(bad)).toThrow(FrameError);
+    expect(dec.highWater).toBe(0);
+    const split = new FrameDecoder({ onFrame: () => {}, maxFrameSize: 4096 });
+    split.push(bad.subarray(0, 8));
+    expect(() => split.push(bad.subarray(8))).toThrow(FrameError);
+    expect(split.highWater).toBe(HEADER_SIZE);
+  });
+
+  it("survives close()", () => {
+    const dec = decoder();
+    dec.push(frameOf(3000).subarray(0, 100));
+    dec.close();
+    expect(dec.highWater).toBe(3000);
+  });
+});

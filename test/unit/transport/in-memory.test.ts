@@ -113,3 +113,35 @@ describe("createMemoryPair", () => {
     expect(rb.events).toEqual([{ data: "x", fds: [] }, "close"]);
   });
 });
+
+describe("createMemoryPair: queuedBytes / queuedHighWater", () => {
+  it("count what one side sent and the other was not handed yet; the high-water mark stays", async () => {
+    const [a, b] = createMemoryPair();
+    a.send([Buffer.from("abc")]);
+    a.send([Buffer.from("de"), Buffer.from("fgh")]);
+    expect(a.queuedBytes).toBe(8);
+    expect(a.queuedHighWater).toBe(8);
+    expect(b.queuedBytes).toBe(0);
+    const rb = record(b);
+    record(a);
+    await tick();
+    expect(rb.events).toEqual([{ data: "abc", fds: [] }, { data: "defgh", fds: [] }]);
+    expect(a.queuedBytes).toBe(0);
+    expect(a.queuedHighWater).toBe(8);
+    a.send([Buffer.alloc(5)]);
+    expect(a.queuedBytes).toBe(5);
+    await tick();
+    expect(a.queuedBytes).toBe(0);
+    expect(a.queuedHighWater).toBe(8);
+  });
+
+  it("what the receiver drops by closing leaves the sender's count too", async () => {
+    const [a, b] = createMemoryPair();
+    record(a);
+    record(b);
+    a.send([Buffer.alloc(100)]);
+    b.close();
+    expect(a.queuedBytes).toBe(0);
+    expect(a.queuedHighWater).toBe(100);
+  });
+});

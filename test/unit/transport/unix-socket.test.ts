@@ -190,6 +190,27 @@ describe("UnixConnection bytes", () => {
     expect((client as unknown as { queue: unknown[] }).queue.length).toBe(0);
   });
 
+  it("queuedBytes is what the socket did not take; queuedHighWater its most, kept after the queue drains", async () => {
+    const { client, accepted } = await connectedPair();
+    const queued = (): number => (client as unknown as { queue: { data: Buffer }[] }).queue.reduce((n, q) => n + q.data.length, 0);
+    expect(client.queuedHighWater).toBe(0);
+    client.send([pattern(4 << 20, 3)]);
+    const first = client.queuedBytes;
+    expect(first).toBeGreaterThan(0);
+    expect(first).toBeLessThan(4 << 20);
+    expect(first).toBe(queued());
+    // with a queue, nothing goes to the socket directly: all 1000 bytes queue
+    client.send([Buffer.alloc(1000)]);
+    expect(client.queuedBytes).toBe(first + 1000);
+    expect(client.queuedHighWater).toBe(first + 1000);
+    const sink = new Sink(accepted);
+    await sink.untilBytes((4 << 20) + 1000);
+    expect(client.queuedBytes).toBe(0);
+    expect(client.queuedHighWater).toBe(first + 1000);
+    client.close();
+    expect(client.queuedHighWater).toBe(first + 1000);
+  });
+
   it("sends 4 MiB the other way while both sides also talk", async () => {
     const { client, accepted } = await connectedPair();
     const atClient = new Sink(client);
