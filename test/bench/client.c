@@ -576,6 +576,16 @@ static int mode_migrw(const char *srcp, const char *dstp, uint32_t chunk) {
   close(src.fd);
   free(src.buf);
   conn_open(&dst, dstp);
+  /*
+   * libvfio-user reads a message body with one recv() without MSG_WAITALL
+   * (tran_sock.c): a 1 MiB MIG_DATA_WRITE it wakes up for before all of it
+   * is queued is a "short read" and the connection is lost. A send buffer
+   * that holds a whole message lets sendmsg queue all of it in one call;
+   * run.ts also pins client and server to one CPU for this mode.
+   */
+  int sndbuf = 4 << 20;
+  if (setsockopt(dst.fd, SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof(sndbuf)) < 0)
+    setsockopt(dst.fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
   if (get_state(&dst) != MIG_STOP) set_state(&dst, MIG_STOP);
   uint64_t to_resuming = timed_state(&dst, MIG_RESUMING);
   uint64_t write_ns = 0, at = 0;
