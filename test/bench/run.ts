@@ -709,9 +709,6 @@ async function qemuRows(): Promise<void> {
   };
   if (NO_QEMU) return skip("--no-qemu");
   if (!existsSync(path.join(BENCH, "qemu-downtime.ts"))) return skip("no test/bench/qemu-downtime.ts");
-  if (existsSync("/var/cache/vfio-user-ts") && !existsSync("/tmp/fresh-a.summary")) {
-    return skip("the QEMU cache under /var/cache/vfio-user-ts is still being built (no /tmp/fresh-a.summary yet)");
-  }
   const { qemuDowntimeRows } = await import("./qemu-downtime.ts");
   const r = await qemuDowntimeRows({ limitMs: 5, size: "256M", runs: 1 });
   if ("skipped" in r) return skip(r.skipped);
@@ -854,7 +851,7 @@ async function main(): Promise<void> {
   if (NO_PEERS) notes.push("libvfio-user: --no-peers.");
   else {
     const r = ensureLvu(ROOT, (l) => console.error(l));
-    if ("why" in r) notes.push(`libvfio-user: ${r.why}.`);
+    if ("why" in r) notes.push(`libvfio-user column: ${r.why}.`);
     else {
       lvu = r;
       notes.push(`libvfio-user efd091b (${r.how}, ${r.dir}; bar1_size 0x3000 → 0x4000 in that scratch copy, upstream issue #871).`);
