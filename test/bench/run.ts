@@ -223,9 +223,13 @@ function clientCmd(args: string[], cpus: string | null): [string, string[]] {
 async function client<T = Record<string, number>>(args: string[], cpus: string | null = null, timeoutMs = 120_000): Promise<T> {
   const [cmd, a] = clientCmd(args, cpus);
   const c = start(`client ${args.join(" ").slice(0, 60)}`, cmd, a);
-  const r = await nextJson<T>(c, timeoutMs);
-  await waitExit(c, timeoutMs);
-  return r;
+  try {
+    const r = await nextJson<T>(c, timeoutMs);
+    await waitExit(c, timeoutMs);
+    return r;
+  } finally {
+    if (c.exitCode === undefined) await stop(c); // timed out: not left running beside the next cell
+  }
 }
 
 function pin(pid: number, cpus: string): void {
