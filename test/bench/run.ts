@@ -717,7 +717,7 @@ async function qemuRows(): Promise<void> {
   const r = await qemuDowntimeRows({ limitMs: 5, size: "256M", runs: 1 });
   if ("skipped" in r) return skip(r.skipped);
   for (const d of r.rows) {
-    row(`QEMU-driven downtime, bigmem 256 MiB, ${d.workload}: ms`, { ours: `${d.downtimeMs}${d.status !== "completed" ? ` (${d.status})` : ""}` }, NaN, "≤ 5 ms (QEMU's limit)", verdict(d.downtimeMs, 5, "<="));
+    row(`QEMU-driven downtime, bigmem 256 MiB, ${d.workload}: ms`, { ours: `${d.downtimeMs}${d.status !== "completed" ? ` (${d.status})` : ""}` }, NaN, "(QEMU's limit: 5 ms)");
     notes.push(
       `QEMU-driven (${d.workload}): total ${d.totalMs} ms, ${d.dirtySyncs} dirty syncs, device ${d.deviceMiB.toFixed(1)} MiB, ${d.writes} BAR2 writes during pre-copy ` +
         `(qemu-downtime.ts: the migrating QEMU, downtime as QEMU reports it; ours only: QEMU's vfio-user client with libvfio-user was not set up).`,
