@@ -795,7 +795,8 @@ function roundNotes(haveLvu: boolean): void {
   notes.push(
     `Where 4-byte accesses go: ours edu BAR0 0x04 (liveness register: a handler call); libvfio-user samples/server BAR1 offset 0 ` +
       `(its BAR0 takes only 8-byte accesses; BAR1 is a memcpy from a mmap'd file); C echo answers without looking. Pinning (taskset; the ` +
-      `server with -a, all threads): 1 CPU = client and server on CPU 0; 2 CPUs = client on CPU 0, server on CPU 1; unpinned = the scheduler's choice.`,
+      `server with -a, all threads): 1 CPU = client and server on CPU 0; 2 CPUs = client on CPU 0, server on CPU 1 (every round trip wakes a task on the other vCPU: most of that figure is the ` +
+      `VM's cross-CPU wake-up); unpinned = the scheduler's choice, so a column may land on either pattern in a given run.`,
   );
   notes.push(
     `CPU: ${N_CPU} REGION_READ round trips on 1 CPU, utime+stime from /proc/PID/stat (all threads, ${CLK_TCK} ticks/s) around the timed loop ` +
@@ -821,7 +822,9 @@ function roundNotes(haveLvu: boolean): void {
       `(${fmt(med("mig.bytes", "lvu") / 2 ** 20, 3)} MiB); C echo: 256 MiB from a pattern buffer, writes acknowledged unread. Client and servers on CPU 0: ` +
       `libvfio-user reads a message body with one recv() without MSG_WAITALL and drops the connection on a short read, so a 1 MiB MIG_DATA_WRITE ` +
       `must be queued whole before it wakes (the client also raises its send buffer to 4 MiB); every column runs the same way. ` +
-      `MIG_DATA_READ per round: ours ${per("mig.read", "ours", (v) => fmt(v))}; lvu ${per("mig.read", "lvu", (v) => fmt(v))} GB/s.`,
+      `Per round, ours — MIG_DATA_READ ${per("mig.read", "ours", (v) => fmt(v))} GB/s (lvu ${per("mig.read", "lvu", (v) => fmt(v))}); ` +
+      `MIG_DATA_WRITE ${per("mig.write", "ours", (v) => fmt(v))} GB/s; STOP → STOP_COPY ${per("mig.s2sc", "ours", (v) => fmt(v, 2))} ms; ` +
+      `RESUMING → STOP ${per("mig.r2s", "ours", (v) => fmt(v, 2))} ms.`,
   );
   if (!haveLvu) notes.push("libvfio-user column: not built (see the first note).");
 }
