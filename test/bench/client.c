@@ -10,10 +10,14 @@
  * mode synchronises with run.ts over stdin/stdout). Errors go to stderr and
  * exit with status 1.
  *
+ *   [--at REGION:OFFSET] MODE ...
+ *                               where lat, posted and the fence access (default
+ *                               0:0x04, edu's BAR0 liveness register;
+ *                               libvfio-user's sample server: 1:0, BAR1)
  *   lat SOCK OP N WARM [sync]   OP = read | write | echo: N timed round trips
- *                               of a 4-byte REGION_READ/WRITE at edu BAR0
- *                               0x04 (liveness), or for `echo` a 16+16-byte
- *                               message the echo server returns as it is.
+ *                               of a 4-byte REGION_READ/WRITE at --at, or for
+ *                               `echo` a 16+16-byte message the Node echo
+ *                               server returns as it is.
  *                               `sync`: print "ready" after the warm-up and
  *                               wait for a stdin line before the timed loop.
  *   posted SOCK N BATCH         N REGION_WRITEs with NO_REPLY (BATCH per
@@ -21,6 +25,14 @@
  *   migread SOCK CHUNK [LIMIT]  VERSION, MIG_DEVICE_STATE := STOP_COPY, then
  *                               MIG_DATA_READ(CHUNK) until an empty reply (or
  *                               LIMIT bytes: the echo server's raw mode).
+ *   migrw SRC DST CHUNK         SRC: STOP, timed STOP->STOP_COPY, MIG_DATA_READ
+ *                               (CHUNK) to an empty reply into memory, timed
+ *                               STOP_COPY->STOP, RUNNING; then DST: STOP, timed
+ *                               STOP->RESUMING, the same chunks as
+ *                               MIG_DATA_WRITEs, timed RESUMING->STOP, RUNNING.
+ *                               Read and write times exclude the client's
+ *                               copy into its buffer. SRC may equal DST (the
+ *                               C echo: the connections are sequential).
  *   downtime SRC DST CHUNK PERMILLE
  *                               pre-copy from SRC into DST (RESUMING), dirty
  *                               PERMILLE/1000 of BAR2's pages, converge, then
@@ -72,6 +84,10 @@ enum {
 enum { FEAT_MIG_DEVICE_STATE = 2, FEAT_LOG_START = 6, FEAT_LOG_REPORT = 8 };
 enum { MIG_STOP = 1, MIG_RUNNING = 2, MIG_STOP_COPY = 3, MIG_RESUMING = 4, MIG_PRE_COPY = 6 };
 enum { REGION_BAR0 = 0, REGION_BAR2 = 2, REGION_CONFIG = 7 };
+
+/* where lat, posted and fence() access: --at REGION:OFFSET */
+static uint32_t at_region = REGION_BAR0;
+static uint64_t at_offset = 0x04;
 
 #define HDR 16
 #define RBUF_CAP (8u << 20)
@@ -351,6 +367,19 @@ static void set_state(conn_t *c, uint32_t state) {
   if (h.size < HDR + 16 || get32(r + 8) != state) die("state %u not reached", state);
 }
 
+/* DEVICE_FEATURE GET MIG_DEVICE_STATE. */
+static uint32_t get_state(conn_t *c) {
+  uint8_t b[16];
+  put32(b, 16);
+  put32(b + 4, FEAT_MIG_DEVICE_STATE | FEAT_GET);
+  put32(b + 8, 0);
+  put32(b + 12, 0);
+  hdr_t h;
+  const uint8_t *r = call(c, CMD_DEVICE_FEATURE, b, 16, NULL, 0, -1, &h);
+  if (h.size < HDR + 12) die("short MIG_DEVICE_STATE reply");
+  return get32(r + 8);
+}
+
 /* One MIG_DATA_READ; returns the data size, *data points into the read buffer. */
 static uint32_t mig_read(conn_t *c, uint32_t chunk, const uint8_t **data) {
   uint8_t b[8];
@@ -360,7 +389,8 @@ static uint32_t mig_read(conn_t *c, uint32_t chunk, const uint8_t **data) {
   const uint8_t *r = call(c, CMD_MIG_DATA_READ, b, 8, NULL, 0, -1, &h);
   if (h.size < HDR + 8) die("short MIG_DATA_READ reply");
   uint32_t n = get32(r + 4);
-  if (n != h.size - HDR - 8) die("MIG_DATA_READ reply size %u does not match %u data bytes", n, h.size - HDR - 8);
+  /* libvfio-user's reply is as long as the request asked, its size field says how much of it is data */
+  if (n > h.size - HDR - 8) die("MIG_DATA_READ reply size %u exceeds its %u data bytes", n, h.size - HDR - 8);
   *data = r + 8;
   return n;
 }
@@ -376,8 +406,8 @@ static void mig_write(conn_t *c, const uint8_t *data, uint32_t n) {
 /* A REGION_READ whose reply only orders the stream (any reply size: the echo server echoes it). */
 static void fence(conn_t *c) {
   uint8_t b[16];
-  put64(b, 0x04);
-  put32(b + 8, REGION_BAR0);
+  put64(b, at_offset);
+  put32(b + 8, at_region);
   put32(b + 12, 4);
   hdr_t h;
   call(c, CMD_REGION_READ, b, 16, NULL, 0, -1, &h);
@@ -410,8 +440,8 @@ static int mode_lat(const char *sock, const char *op, long n, long warm, int syn
   uint8_t req[HDR + 16 + 4];
   uint32_t reqlen = is_write ? HDR + 20 : HDR + 16;
   fill_hdr(req, 0, is_write ? CMD_REGION_WRITE : CMD_REGION_READ, reqlen, 0, 0);
-  put64(req + HDR, 0x04);
-  put32(req + HDR + 8, REGION_BAR0);
+  put64(req + HDR, at_offset);
+  put32(req + HDR + 8, at_region);
   put32(req + HDR + 12, is_echo ? 16 : 4);
   put32(req + HDR + 16, 0x12345678);
   uint32_t want = is_read ? HDR + 20 : HDR + 16;
@@ -455,8 +485,8 @@ static int mode_posted(const char *sock, long n, int batch, int sync) {
   for (int k = 0; k < batch; k++) {
     uint8_t *m = msgs + (size_t)k * len;
     fill_hdr(m, 0, CMD_REGION_WRITE, len, F_NO_REPLY, 0);
-    put64(m + HDR, 0x04);
-    put32(m + HDR + 8, REGION_BAR0);
+    put64(m + HDR, at_offset);
+    put32(m + HDR + 8, at_region);
     put32(m + HDR + 12, 4);
     put32(m + HDR + 16, (uint32_t)k);
   }
@@ -510,6 +540,71 @@ static int mode_migread(const char *sock, uint32_t chunk, uint64_t limit) {
   if (!limit) set_state(&c, MIG_STOP);
   printf("{\"bytes\":%llu,\"msgs\":%llu,\"ns\":%llu,\"gbps\":%.3f}\n", (unsigned long long)total,
          (unsigned long long)msgs, (unsigned long long)(t1 - t0), (double)total / (double)(t1 - t0));
+  return 0;
+}
+
+static uint64_t timed_state(conn_t *c, uint32_t state) {
+  uint64_t t0 = now_ns();
+  set_state(c, state);
+  return now_ns() - t0;
+}
+
+static int mode_migrw(const char *srcp, const char *dstp, uint32_t chunk) {
+  const size_t cap = (size_t)4 << 30; /* address space only: pages are touched as data arrives */
+  uint8_t *store = mmap(NULL, cap, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (store == MAP_FAILED) die("mmap: %s", strerror(errno));
+  uint32_t *lens = malloc(sizeof(uint32_t) * (cap / 4096));
+  if (!lens) die("out of memory");
+  conn_t src, dst;
+  conn_open(&src, srcp);
+  if (get_state(&src) != MIG_STOP) set_state(&src, MIG_STOP);
+  uint64_t to_stop_copy = timed_state(&src, MIG_STOP_COPY);
+  uint64_t total = 0, nchunks = 0, read_ns = 0;
+  for (;;) {
+    const uint8_t *data;
+    uint64_t t0 = now_ns();
+    uint32_t n = mig_read(&src, chunk, &data);
+    read_ns += now_ns() - t0;
+    if (n == 0) break;
+    if (total + n > cap || nchunks == cap / 4096) die("migration stream larger than %zu bytes", cap);
+    memcpy(store + total, data, n);
+    lens[nchunks++] = n;
+    total += n;
+  }
+  uint64_t stop_copy_to_stop = timed_state(&src, MIG_STOP);
+  set_state(&src, MIG_RUNNING);
+  close(src.fd);
+  free(src.buf);
+  conn_open(&dst, dstp);
+  /*
+   * libvfio-user reads a message body with one recv() without MSG_WAITALL
+   * (tran_sock.c): a 1 MiB MIG_DATA_WRITE it wakes up for before all of it
+   * is queued is a "short read" and the connection is lost. A send buffer
+   * that holds a whole message lets sendmsg queue all of it in one call;
+   * run.ts also pins client and server to one CPU for this mode.
+   */
+  int sndbuf = 4 << 20;
+  if (setsockopt(dst.fd, SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof(sndbuf)) < 0)
+    setsockopt(dst.fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
+  if (get_state(&dst) != MIG_STOP) set_state(&dst, MIG_STOP);
+  uint64_t to_resuming = timed_state(&dst, MIG_RESUMING);
+  uint64_t write_ns = 0, at = 0;
+  for (uint64_t i = 0; i < nchunks; i++) {
+    uint64_t t0 = now_ns();
+    mig_write(&dst, store + at, lens[i]);
+    write_ns += now_ns() - t0;
+    at += lens[i];
+  }
+  uint64_t resuming_to_stop = timed_state(&dst, MIG_STOP);
+  set_state(&dst, MIG_RUNNING);
+  close(dst.fd);
+  printf("{\"bytes\":%llu,\"chunks\":%llu,\"read_ns\":%llu,\"write_ns\":%llu,\"read_gbps\":%.3f,\"write_gbps\":%.3f,"
+         "\"stop_to_stop_copy_ns\":%llu,\"stop_copy_to_stop_ns\":%llu,\"stop_to_resuming_ns\":%llu,"
+         "\"resuming_to_stop_ns\":%llu}\n",
+         (unsigned long long)total, (unsigned long long)nchunks, (unsigned long long)read_ns,
+         (unsigned long long)write_ns, (double)total / (double)read_ns, (double)total / (double)write_ns,
+         (unsigned long long)to_stop_copy, (unsigned long long)stop_copy_to_stop, (unsigned long long)to_resuming,
+         (unsigned long long)resuming_to_stop);
   return 0;
 }
 
@@ -719,6 +814,14 @@ static int mode_fill(const char *sock, uint32_t region, long mib, uint32_t seed)
 
 int main(int argc, char **argv) {
   setvbuf(stdout, NULL, _IOLBF, 0);
+  if (argc > 2 && !strcmp(argv[1], "--at")) {
+    char *end;
+    at_region = (uint32_t)strtoul(argv[2], &end, 0);
+    if (*end != ':') die("--at wants REGION:OFFSET");
+    at_offset = strtoull(end + 1, NULL, 0);
+    argv += 2;
+    argc -= 2;
+  }
   if (argc < 2) die("usage: see the comment at the top of client.c");
   const char *m = argv[1];
   if (!strcmp(m, "lat") && argc >= 6)
@@ -727,6 +830,7 @@ int main(int argc, char **argv) {
     return mode_posted(argv[2], atol(argv[3]), atoi(argv[4]), argc > 5 && !strcmp(argv[5], "sync"));
   if (!strcmp(m, "migread") && argc >= 4)
     return mode_migread(argv[2], (uint32_t)atol(argv[3]), argc > 4 ? (uint64_t)atoll(argv[4]) : 0);
+  if (!strcmp(m, "migrw") && argc >= 5) return mode_migrw(argv[2], argv[3], (uint32_t)atol(argv[4]));
   if (!strcmp(m, "downtime") && argc >= 6)
     return mode_downtime(argv[2], argv[3], (uint32_t)atol(argv[4]), atol(argv[5]));
   if (!strcmp(m, "dmalog") && argc >= 5) return mode_dmalog(argv[2], atol(argv[3]), atol(argv[4]));
