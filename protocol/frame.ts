@@ -28,6 +28,9 @@ export interface Frame {
  * A header that cannot start a valid frame. Fatal: the stream has lost its
  * framing, so the connection must be closed.
  */
+/** Frames at least this large get a buffer of their own (not Buffer's shared pool), which recycle() can reuse. */
+const RECYCLE_MIN = 64 * 1024;
+
 export class FrameError extends Error {
   /** The offending header, when 16 bytes were available. */
   readonly header: Header | undefined;
@@ -160,6 +163,10 @@ export class FrameDecoder {
   #pendingFds: number[] = [];
   /** See `highWater`. */
   #highWater = 0;
+  /** Large frame buffers this decoder allocated (only those may come back through recycle()). */
+  readonly #own = new WeakSet<ArrayBufferLike>();
+  /** A large frame buffer handed back by recycle(), for the next large frame. */
+  #spare: Buffer | null = null;
 
   constructor(options: FrameDecoderOptions) {
     this.#onFrame = options.onFrame;
@@ -233,6 +240,70 @@ export class FrameDecoder {
     }
   }
 
+  /**
+   * For a transport that can read straight into the frame being assembled:
+   * the unfilled rest of that frame's buffer (it ends where the frame ends,
+   * so a read into it cannot take the next frame's bytes), or null when no
+   * frame is half-assembled or fewer than `min` of its bytes are missing.
+   * Bytes read into it are reported with filled(); they then cost no copy
+   * of their own (a large MIG_DATA_WRITE or REGION_WRITE is read from the
+   * socket into its frame directly).
+   */
+  readTarget(min = 1): Buffer | null {
+    const p = this.#partial;
+    if (p === null || this.#closed) return null;
+    if (p.header.size - p.have < min) return null;
+    return p.buf.subarray(p.have);
+  }
+
+  /** `n` bytes (and `fds`, which came with them) were read into readTarget()'s buffer: as push() of those bytes. */
+  filled(n: number, fds: readonly number[] = []): void {
+    const p = this.#partial;
+    if (this.#closed || p === null || !Number.isInteger(n) || n <= 0 || p.have + n > p.header.size) {
+      this.#pendingFds.push(...fds);
+      this.#closed = true;
+      this.#partial = null;
+      throw new FrameError(`filled(${n}) does not fit the frame being assembled`);
+    }
+    p.have += n;
+    if (p.have < p.header.size) {
+      this.#pendingFds.push(...fds);
+      return;
+    }
+    const frameFds = this.#pendingFds;
+    this.#pendingFds = [];
+    frameFds.push(...fds);
+    this.#partial = null;
+    this.#onFrame({ header: p.header, body: p.buf.subarray(HEADER_SIZE), fds: frameFds });
+  }
+
+  /**
+   * The caller is done with a frame this decoder assembled (nothing refers
+   * to its body any more): its buffer, if it was a large one of this
+   * decoder's, takes the next large frame instead of a fresh allocation.
+   * A stream of 1 MiB MIG_DATA_WRITEs then reuses one buffer instead of
+   * allocating (and garbage-collecting) one per frame. Anything else is ignored.
+   */
+  recycle(body: Uint8Array): void {
+    const ab = body.buffer;
+    if (!this.#own.has(ab) || this.#partial?.buf.buffer === ab) return;
+    if (this.#spare !== null && this.#spare.length >= ab.byteLength) return;
+    this.#spare = Buffer.from(ab as ArrayBuffer);
+  }
+
+  /** A buffer for a frame of `size` bytes: the spare when it fits, else fresh (large ones become recyclable). */
+  #frameBuffer(size: number): Buffer {
+    if (size < RECYCLE_MIN) return Buffer.allocUnsafe(size);
+    const spare = this.#spare;
+    if (spare !== null && spare.length >= size) {
+      this.#spare = null;
+      return spare.subarray(0, size);
+    }
+    const b = Buffer.allocUnsafeSlow(size);
+    this.#own.add(b.buffer);
+    return b;
+  }
+
   /** Feeds the next chunk of the stream and the fds that came with it. */
   push(chunk: Uint8Array, fds: readonly number[] = []): void {
     let fdsTaken = false;
@@ -257,7 +328,7 @@ export class FrameDecoder {
           }
           const header = readHeader(this.#headerView, 0);
           this.#check(header);
-          const assembled = Buffer.allocUnsafe(header.size);
+          const assembled = this.#frameBuffer(header.size);
           this.#hold(header.size);
           this.#headerBytes.copy(assembled, 0);
           this.#partial = { header, buf: assembled, have: HEADER_SIZE };
@@ -311,7 +382,7 @@ export class FrameDecoder {
         } else {
           // The loop above already checked this header and stopped for lack of body.
           const header = headerAt(buf, pos);
-          const assembled = Buffer.allocUnsafe(header.size);
+          const assembled = this.#frameBuffer(header.size);
           this.#hold(header.size);
           buf.copy(assembled, 0, pos, len);
           this.#partial = { header, buf: assembled, have: rest };

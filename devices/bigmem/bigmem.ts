@@ -676,6 +676,17 @@ export class BigmemDevice implements Device, PrecopyMemory {
     return this.mem.subarray(at, at + count * BIGMEM_PAGE_SIZE);
   }
 
+  /** Whole pages in one copy (the destination's MEMORY records as they arrive). */
+  writePages(first: number, data: Uint8Array): void {
+    const count = data.length / BIGMEM_PAGE_SIZE;
+    if (!Number.isInteger(count) || count < 1) {
+      throw new RangeError(`bigmem: page data of ${data.length} bytes is not a whole number of ${BIGMEM_PAGE_SIZE}-byte pages`);
+    }
+    const at = this.pageOffset(first);
+    this.pageOffset(first + count - 1);
+    this.mem.set(data, at);
+  }
+
   writePage(page: number, data: Uint8Array): void {
     const at = this.pageOffset(page);
     if (data.length !== BIGMEM_PAGE_SIZE) {

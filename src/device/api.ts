@@ -249,6 +249,11 @@ export interface PrecopyMemory {
   dirtyPageCount(): number;
   /** Read/write raw device memory for the stream. */
   readPage(page: number): Uint8Array;
+  /**
+   * Copy `data` (one page) into device memory. `data` is valid only during
+   * the call: it is a view of the received message, whose buffer takes the
+   * next one, so keep a copy, never the view.
+   */
   writePage(page: number, data: Uint8Array): void;
   /**
    * Optional: pages `first` .. `first + count - 1` as one contiguous view of
@@ -268,6 +273,13 @@ export interface PrecopyMemory {
    * DMA, reset) so the page is sent again.
    */
   readPages?(first: number, count: number): Uint8Array;
+  /**
+   * Optional: copy `data` (a whole number of pages) into pages `first` ..
+   * onward in one step; throws RangeError outside device memory. Without it
+   * the framework calls `writePage` per page. Like `writePage`, `data` is
+   * valid only during the call.
+   */
+  writePages?(first: number, data: Uint8Array): void;
 }
 
 /** Structured state: anything msgpack can carry (objects, numbers, bigints, Uint8Array). */

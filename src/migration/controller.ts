@@ -490,9 +490,16 @@ export class MigrationController {
           mem.writePage(page++, staging!);
           fill = 0;
         }
-        while (bytes.length - at >= size) {
-          mem.writePage(page++, bytes.subarray(at, at + size));
-          at += size;
+        const whole = Math.floor((bytes.length - at) / size);
+        if (whole > 0 && mem.writePages !== undefined) {
+          mem.writePages(page, bytes.subarray(at, at + whole * size));
+          page += whole;
+          at += whole * size;
+        } else {
+          for (let i = 0; i < whole; i++) {
+            mem.writePage(page++, bytes.subarray(at, at + size));
+            at += size;
+          }
         }
         if (at < bytes.length) {
           staging ??= new Uint8Array(size);

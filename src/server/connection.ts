@@ -34,6 +34,13 @@ import { traceFields } from "./trace.ts";
  * out as [header, ...parts] without copying the parts.
  */
 const REPLY_COPY_MAX = 4096;
+/**
+ * A frame still missing at least this many bytes is read from the socket
+ * straight into its buffer (FrameDecoder.readTarget) instead of through the
+ * transport's read chunk and a copy: bulk MIG_DATA_WRITE and REGION_WRITE
+ * bodies. Below it the ordinary path reads whatever else is waiting too.
+ */
+const DIRECT_READ_MIN = 16 * 1024;
 
 /** The spec's name of a command, or its number when it has none. */
 function cmdName(command: number): string | number {
@@ -112,6 +119,8 @@ export class Connection implements SocketDma {
     this.opts.endpoint.attachClient(this, this.logLimitedFn);
     this.opts.transport.start({
       data: (chunk, fds) => this.onData(chunk, fds),
+      readTarget: () => (this.closed ? null : this.decoder.readTarget(DIRECT_READ_MIN)),
+      filled: (n, fds) => this.onData(null, fds, n),
       close: (err) => this.onTransportClose(err),
       drain: () => this.pump(),
     });
@@ -123,13 +132,15 @@ export class Connection implements SocketDma {
 
   // ---- inbound ----
 
-  private onData(chunk: Buffer, fds: number[]): void {
+  /** A chunk read from the socket, or (chunk null) `filled` bytes read straight into the decoder's frame. */
+  private onData(chunk: Buffer | null, fds: number[], filled = 0): void {
     if (this.closed) {
       for (const fd of fds) this.opts.closeFd(fd);
       return;
     }
     try {
-      this.decoder.push(chunk, fds);
+      if (chunk !== null) this.decoder.push(chunk, fds);
+      else this.decoder.filled(filled, fds);
       if (this.conformance !== null) this.conformance.buffered(this.decoder.bufferedBytes, this.decoder.pendingHeader);
     } catch (err) {
       // spec-level framing fault: this connection cannot be trusted to resynchronise
@@ -236,6 +247,10 @@ export class Connection implements SocketDma {
 
   private finish(frame: Frame, result: Reply | null, err: unknown): void {
     this.reply(frame, result, err);
+    // MIG_DATA_WRITE keeps nothing of its body (the stream reader copies the
+    // records it buffers, MEMORY goes into device memory): its frame buffer
+    // takes the next large frame
+    if (frame.header.command === Command.MIG_DATA_WRITE) this.decoder.recycle(frame.body);
     if (this.closeAfterReply && !this.closed) {
       this.log.info({ msgId: frame.header.msgId, cmd: cmdName(frame.header.command) }, "closing the connection after the reply");
       this.opts.transport.close();

@@ -11,6 +11,14 @@ export interface TransportHandlers {
    * carried them).
    */
   data(chunk: Buffer, fds: number[]): void;
+  /**
+   * Optional, with `filled`: a buffer the transport may read the next bytes
+   * into directly (the rest of a frame being assembled), or null. A read
+   * into it never takes more than its length.
+   */
+  readTarget?(): Uint8Array | null;
+  /** `n` bytes and `fds` were read into the buffer readTarget() returned (as `data` of those bytes). */
+  filled?(n: number, fds: number[]): void;
   /** The peer went away or the transport failed; called once. */
   close(err?: Error): void;
   /** `congested` went back to false: the peer has read enough of what was queued. */

@@ -219,7 +219,10 @@ export class UnixConnection implements Transport {
     const buf = (scratch ??= Buffer.allocUnsafeSlow(READ_CHUNK_SIZE));
     for (let i = 0; i < MAX_READS_PER_WAKEUP; i++) {
       if (this._closed || this.handlers === null || this.readPaused) return;
-      const n = native.recv(this.fd, buf, fdsOut);
+      // the rest of a large frame goes straight into that frame's buffer (no copy here)
+      const target = this.handlers.filled !== undefined ? (this.handlers.readTarget?.() ?? null) : null;
+      const into = target ?? buf;
+      const n = native.recv(this.fd, into, fdsOut);
       if (n < 0) {
         if (n !== -EAGAIN) this.shutdown(errnoError(n, "recvmsg"));
         return;
@@ -237,12 +240,16 @@ export class UnixConnection implements Transport {
         this.shutdown(undefined);
         return;
       }
-      const chunk = Buffer.allocUnsafe(n);
-      buf.copy(chunk, 0, 0, n);
       const fds: number[] = [];
       for (let k = 1; k <= nfds; k++) fds.push(fdsOut[k]!);
-      this.handlers.data(chunk, fds);
-      if (n < buf.length && nfds === 0) return; // drained
+      if (target !== null) {
+        this.handlers.filled!(n, fds);
+      } else {
+        const chunk = Buffer.allocUnsafe(n);
+        buf.copy(chunk, 0, 0, n);
+        this.handlers.data(chunk, fds);
+      }
+      if (n < into.length && nfds === 0) return; // drained
     }
   }
 

@@ -320,3 +320,95 @@ describe("FrameDecoder.highWater: the most it held at once for an incomplete fra
     expect(dec.highWater).toBe(3000);
   });
 });
+
+describe("FrameDecoder: reading straight into a frame (readTarget/filled) and recycling large buffers", () => {
+  const frameOf = (size: number, msgId = 1, fill = 0x5a): Buffer => {
+    const f = Buffer.concat(encodeMessage(commandHeader(msgId, Command.MIG_DATA_WRITE), Buffer.alloc(size - HEADER_SIZE, fill)));
+    for (let i = HEADER_SIZE; i < size; i++) f[i] = (i * 13 + msgId) & 0xff;
+    return f;
+  };
+
+  it("offers the unfilled rest of a half-assembled frame, never more; filled() completes it with its fds", () => {
+    const frames: Frame[] = [];
+    const dec = new FrameDecoder({ onFrame: (f) => frames.push(f) });
+    const f = frameOf(200_000);
+    const next = frameOf(100, 2);
+    expect(dec.readTarget()).toBeNull(); // nothing half-assembled
+    dec.push(f.subarray(0, 5000));
+    const t = dec.readTarget(16 * 1024)!;
+    expect(t.length).toBe(200_000 - 5000);
+    // a socket read into it: part of the rest
+    f.copy(t, 0, 5000, 150_000);
+    dec.filled(145_000, [7]);
+    expect(frames).toHaveLength(0);
+    const t2 = dec.readTarget(16 * 1024)!;
+    expect(t2.length).toBe(50_000);
+    expect(dec.readTarget(50_001)).toBeNull(); // less missing than asked for: the ordinary path
+    f.copy(t2, 0, 150_000);
+    dec.filled(50_000, [9]);
+    expect(frames).toHaveLength(1);
+    expect(Buffer.from(frames[0]!.body).equals(f.subarray(HEADER_SIZE))).toBe(true);
+    expect(frames[0]!.fds).toEqual([7, 9]);
+    expect(dec.readTarget()).toBeNull();
+    // the ordinary path goes on after it
+    dec.push(next);
+    expect(frames).toHaveLength(2);
+    expect(frames[1]!.header.msgId).toBe(2);
+  });
+
+  it("filled() beyond the frame, or without a target, is a FrameError that closes the decoder", () => {
+    const dec = new FrameDecoder({ onFrame: () => undefined });
+    expect(() => dec.filled(10)).toThrow(FrameError);
+    const dec2 = new FrameDecoder({ onFrame: () => undefined });
+    dec2.push(frameOf(100_000).subarray(0, 100));
+    expect(() => dec2.filled(100_000)).toThrow(/does not fit the frame/);
+    expect(dec2.closed).toBe(true);
+    expect(dec2.readTarget()).toBeNull();
+  });
+
+  it("recycle(): a large frame's buffer takes the next large frame (same memory); small, foreign or in-use buffers are not taken", () => {
+    const frames: Frame[] = [];
+    const dec = new FrameDecoder({ onFrame: (f) => frames.push(f) });
+    const a = frameOf(300_000, 1);
+    dec.push(a.subarray(0, 1000));
+    dec.push(a.subarray(1000));
+    const first = frames[0]!;
+    dec.recycle(first.body);
+    const b = frameOf(200_000, 2);
+    dec.push(b.subarray(0, 1000));
+    dec.push(b.subarray(1000));
+    const second = frames[1]!;
+    expect(second.body.buffer).toBe(first.body.buffer); // reused
+    expect(Buffer.from(second.body).equals(b.subarray(HEADER_SIZE))).toBe(true);
+    // a frame larger than the spare gets fresh memory
+    dec.recycle(second.body);
+    const c = frameOf(400_000, 3);
+    dec.push(c.subarray(0, 1000));
+    dec.push(c.subarray(1000));
+    expect(frames[2]!.body.buffer).not.toBe(first.body.buffer);
+    // foreign buffers and small (pooled) frames are ignored
+    const foreign = new FrameDecoder({ onFrame: () => undefined });
+    foreign.recycle(Buffer.alloc(1 << 20));
+    const small: Frame[] = [];
+    const dec3 = new FrameDecoder({ onFrame: (f) => small.push(f) });
+    const s = frameOf(1000, 4);
+    dec3.push(s.subarray(0, 100));
+    dec3.push(s.subarray(100));
+    dec3.recycle(small[0]!.body);
+    const s2 = frameOf(1000, 5);
+    dec3.push(s2.subarray(0, 100));
+    dec3.push(s2.subarray(100));
+    // the pooled buffer did not become the spare: the next large frame has memory of its own
+    const big = frameOf(100_000, 6);
+    dec3.push(big.subarray(0, 1000));
+    dec3.push(big.subarray(1000));
+    expect(small[2]!.body.buffer).not.toBe(small[0]!.body.buffer);
+    expect(small[2]!.body.buffer.byteLength).toBe(100_000);
+    // the frame being assembled is never recycled under itself
+    const d = frameOf(300_000, 7);
+    dec.push(d.subarray(0, 1000));
+    const inProgress = dec.readTarget()!;
+    dec.recycle(inProgress);
+    expect(dec.readTarget()!.buffer).toBe(inProgress.buffer);
+  });
+});
