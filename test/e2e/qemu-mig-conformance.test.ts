@@ -26,7 +26,7 @@ import { formatClientReport } from "../../src/conformance/index.ts";
 import { BIGMEM_DEVICE_ID, BIGMEM_VENDOR, BigmemGuest } from "./harness/bigmem-guest.ts";
 import { describeQemuMig } from "./harness/describe-qemu.ts";
 import { EduGuest, REG, bringUp, pattern, pollUntil } from "./harness/edu-guest.ts";
-import { describeMigration, runState, startMigration } from "./harness/migrate.ts";
+import { describeMigration, settledRunState, startMigration } from "./harness/migrate.ts";
 import { MIG_SLOT, MigrationPair, inProcess, logged, states, withContext } from "./harness/mig-pair.ts";
 import * as pci from "./harness/pci.ts";
 import { prototypeLoggingShim, type ShimCounts } from "./harness/prototype-shim.ts";
@@ -84,11 +84,11 @@ describeQemuMig(
         const r = await m.finish(60_000);
         console.log(`[qemu-mig conformance] as found, plain servers: ${describeMigration(r)}`);
         expect(r.status).toBe("failed");
-        expect(await runState(p.src)).toBe("running");
+        expect(await settledRunState(p.src)).toBe("running");
         expect(states(p.srvA, markA)).toEqual([]);
         expect(await e.read(REG.LIVENESS)).toBe(~0x1234 >>> 0);
         await p.src.stop();
-        await pollUntil("server A's report", async () => loggedReport(p.srvA)?.errors ?? -1, (n) => n >= 1, 10_000);
+        await pollUntil("server A's report", async () => loggedReport(p.srvA)?.errors ?? -1, (n) => n >= 1, 30_000);
         const report = readReport(fileA).clients[0]!;
         show("as found, plain source server", report);
         expect(ids(report)).toContain("error dma-logging-ranges-not-inline DEVICE_FEATURE");
@@ -143,7 +143,7 @@ describeQemuMig(
         console.log(`[qemu-mig conformance] destination QEMU stderr: ${p.dst.stderr().split("\n").filter((l) => /vfio|migrat|error/i.test(l)).slice(-6).join(" | ")}`);
         expect(r.status).toBe("failed");
         await m.waitDestination(["failed"], 60_000);
-        expect(await runState(p.src)).toBe("running");
+        expect(await settledRunState(p.src)).toBe("running");
         expect(states(p.srvA, markA)).toEqual(["RUNNING->PRE_COPY", "PRE_COPY->RUNNING"]);
         await Promise.all([p.dst.stop(), p.src.stop()]);
         await pollUntil("both reports", async () => [loggedReport(p.srvA), loggedReport(p.srvB)].filter(Boolean).length, (n) => n === 2, 20_000);
@@ -211,7 +211,7 @@ describeQemuMig("conformance report: QEMU's migrating client, fixed build", () =
       const r = await m.finish(120_000);
       console.log(`[qemu-mig conformance] fixed build: ${describeMigration(r)}`);
       expect(r.status).toBe("completed");
-      await m.waitDestination(["completed"], 10_000);
+      await m.waitDestination(["completed"], 30_000);
       expect(states(p.srvA, markA)).toEqual(["RUNNING->PRE_COPY", "PRE_COPY->STOP_COPY", "STOP_COPY->STOP"]);
       // both QEMUs leave: the servers write their reports
       await Promise.all([p.src.stop(), p.dst.stop()]);

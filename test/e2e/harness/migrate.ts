@@ -107,6 +107,26 @@ export async function runState(q: Vm): Promise<string> {
   return (await q.qmp.execute<{ status: string }>("query-status")).status;
 }
 
+/**
+ * The run state once a migration's end has settled. QEMU emits the source's
+ * MIGRATION `completed` (or `failed`) event and only then, after the
+ * migration thread takes the BQL again (migration_iteration_finish), leaves
+ * `finish-migrate` for `postmigrate` (or back to `running`): a query right
+ * after the event can land in between, more often on a loaded machine. So
+ * this polls while the state is `finish-migrate`, up to `timeoutMs`.
+ */
+export async function settledRunState(q: Vm, timeoutMs = 30_000): Promise<string> {
+  const deadline = performance.now() + timeoutMs;
+  let polls = 0;
+  for (;;) {
+    const st = await runState(q);
+    polls++;
+    if (st !== "finish-migrate") return st;
+    if (performance.now() > deadline) throw new Error(`run state still ${st} ${timeoutMs} ms after the migration ended (${polls} polls)`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
 /** One line for logs: status, total time, downtime, RAM and device bytes. */
 export function describeMigration(r: { status: string; info: MigrateInfo; wallMs: number }): string {
   const i = r.info;
