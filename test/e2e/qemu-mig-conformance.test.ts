@@ -50,6 +50,23 @@ function readReport(file: string): ConformanceReport {
   return JSON.parse(readFileSync(file, "utf8")) as ConformanceReport;
 }
 
+/**
+ * The report file once it holds a client. A `serve` process logs "client
+ * conformance report" and then writes the file: seeing the log line does not
+ * mean the file is there yet (a loaded machine shows the gap), so poll it.
+ */
+async function clientInFile(file: string): Promise<ClientReport> {
+  const { value } = await pollUntil(`a client in ${file}`, async () => {
+    try {
+      return readReport(file).clients.length;
+    } catch {
+      return -1; // not written yet
+    }
+  }, (n) => n >= 1, 30_000);
+  expect(value).toBe(1);
+  return readReport(file).clients[0]!;
+}
+
 function ids(r: ClientReport): string[] {
   return r.deviations.map((d) => `${d.severity} ${d.id} ${d.command}`).sort();
 }
@@ -89,7 +106,7 @@ describeQemuMig(
         expect(await e.read(REG.LIVENESS)).toBe(~0x1234 >>> 0);
         await p.src.stop();
         await pollUntil("server A's report", async () => loggedReport(p.srvA)?.errors ?? -1, (n) => n >= 1, 30_000);
-        const report = readReport(fileA).clients[0]!;
+        const report = await clientInFile(fileA);
         show("as found, plain source server", report);
         expect(ids(report)).toContain("error dma-logging-ranges-not-inline DEVICE_FEATURE");
         expect(find(report, "dma-logging-ranges-not-inline")!.first.offset).toBe(24);
@@ -216,8 +233,8 @@ describeQemuMig("conformance report: QEMU's migrating client, fixed build", () =
       // both QEMUs leave: the servers write their reports
       await Promise.all([p.src.stop(), p.dst.stop()]);
       await pollUntil("both reports", async () => logged(p.srvA, /^client conformance report$/).length + logged(p.srvB, /^client conformance report$/).length, (n) => n === 2, 20_000);
-      const ra = readReport(reportFile(p, "a.json")).clients[0]!;
-      const rb = readReport(reportFile(p, "b.json")).clients[0]!;
+      const ra = await clientInFile(reportFile(p, "a.json"));
+      const rb = await clientInFile(reportFile(p, "b.json"));
       show("fixed build, source server", ra);
       show("fixed build, destination server", rb);
       for (const rep of [ra, rb]) for (const id of AS_FOUND_BUGS) expect(find(rep, id), id).toBeUndefined();
