@@ -109,7 +109,8 @@ async function faultyMigration(name: string, c: Case): Promise<Outcome> {
     const m = await startMigration(p.src, p.dst, p.dir, { capabilities: { "return-path": true } });
     const deadline = c.deadlineMs ?? 30_000;
     const died = p.src.exited.then(() => "died" as const);
-    const end = await Promise.race([m.waitSource(undefined, deadline).catch(() => "deadline" as const), died]);
+    // waitSource rejects at once when the source's QMP closes (QEMU dying): that is "died", once it has exited
+    const end = await Promise.race([m.waitSource(undefined, deadline).catch(async () => (p.src.qmp.closed ? await died : ("deadline" as const))), died]);
     let status: string;
     let info: MigrateInfo = { status: "?" };
     if (end === "died") {
