@@ -298,11 +298,21 @@ export default { name: "ticker", description: "counts timer ticks", options, cre
     );
     try {
       const t0 = performance.now();
-      const r = await run(["check", "--device", "./ticker.mjs", "--only", "reset", "--only", "state-roundtrip", "--opt", "period=2"], { cwd: devDir });
+      const c = start(["check", "--device", "./ticker.mjs", "--only", "reset", "--only", "state-roundtrip", "--opt", "period=2"], { cwd: devDir });
+      // no hang: once it has printed its summary, check must exit by itself (the ticker's
+      // setInterval would keep it alive without Device.dispose). A deadline well past any
+      // exit, so a hang fails here with the output instead of at the test timeout.
+      await until("check's summary", () => c.out().includes("passed,") || c.proc.exitCode !== null || c.proc.signalCode !== null, 40_000);
+      const r = await Promise.race([c.exit, new Promise<null>((res) => setTimeout(() => res(null), 15_000).unref())]);
+      if (r === null) {
+        c.proc.kill("SIGKILL");
+        throw new Error(`check printed its summary but had not exited 15 s later (a timer keeps it alive?)\n${c.out()}${c.err()}`);
+      }
+      console.log(`[cli] check --device ./ticker.mjs: exited ${(performance.now() - t0).toFixed(0)} ms after spawn`);
       expect(r.code, r.out + r.err).toBe(0);
+      expect(r.signal).toBeNull();
       expect(r.out).toContain("vfio-user-ts check: device 'ticker', options period=2");
       expect(r.out).toContain("2 passed, 0 failed");
-      expect(performance.now() - t0).toBeLessThan(25_000); // no hang: the test timeout would be the other outcome
       const bad = await run(["check", "--device", "./ticker.mjs", "--opt", "period=0"], { cwd: devDir });
       expect(bad.err.split("\n")[0]).toBe("vfio-user-ts: ticker: period=0: 0 is out of range (1..1000)");
       const socket = path.join(devDir, "t.sock");
@@ -314,7 +324,7 @@ export default { name: "ticker", description: "counts timer ticks", options, cre
     } finally {
       rmSync(devDir, { recursive: true, force: true });
     }
-  }, 60_000);
+  }, 90_000);
 
   it("a module without a factory is a usage error that says what it exports", async () => {
     const devDir = mkdtempSync(path.join(tmpdir(), "vfu-outside-"));

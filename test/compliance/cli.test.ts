@@ -2,12 +2,27 @@
  * `vfio-user-ts check`: help, the check list, clear usage errors (exit 2),
  * PASS lines and exit 0 for a good device. (A failing device: negative.test.ts.)
  */
+import { execFile } from "node:child_process";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
 import { describe, expect, it, vi } from "vitest";
 import { DEVICES } from "../../devices/index.ts";
 import { CHECK_USAGE, checkCommand } from "../../src/cli/check.ts";
 import { main } from "../../src/cli/main.ts";
 import { CHECKS } from "../../src/compliance/checks.ts";
 
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
+
+/** The bin as a user runs it. */
+function runBin(...argv: string[]): Promise<{ code: number | null; out: string; err: string }> {
+  return new Promise((resolve) => {
+    execFile(process.execPath, [path.join(ROOT, "src/cli/vfio-user-ts.mjs"), ...argv], { cwd: ROOT, timeout: 60_000 }, (e, out, err) =>
+      resolve({ code: e === null ? 0 : typeof e.code === "number" ? e.code : null, out, err }),
+    );
+  });
+}
+
+/** checkCommand in process, its output collected (the bin prints the same: see the last tests). */
 async function run(...argv: string[]): Promise<{ code: number; out: string; err: string }> {
   const out: string[] = [];
   const err: string[] = [];
@@ -61,7 +76,7 @@ describe("vfio-user-ts check", () => {
     expect(lines.at(-1)).toBe("2 passed, 0 failed");
   });
 
-  it("is reachable as `vfio-user-ts check` from the main command", async () => {
+  it("is reachable as `vfio-user-ts check` from main() (in process)", async () => {
     const log = vi.spyOn(console, "log").mockImplementation(() => {});
     try {
       expect(await main(["check", "--list"])).toBe(0);
@@ -72,4 +87,17 @@ describe("vfio-user-ts check", () => {
       log.mockRestore();
     }
   });
+
+  it("the bin prints the same as checkCommand: a usage error (exit 2) and a PASS summary (exit 0)", async () => {
+    const bad = await runBin("check", "--device", "nope");
+    const badIn = await run("--device", "nope");
+    expect(bad.code).toBe(2);
+    expect(bad.err.trimEnd()).toBe(badIn.err);
+    expect(bad.out).toBe("");
+    const good = await runBin("check", "--device", "counter", "--opt", "start=3", "--only", "config-identity", "--only", "reset");
+    const goodIn = await run("--device", "counter", "--opt", "start=3", "--only", "config-identity", "--only", "reset");
+    expect(good.code, good.err).toBe(0);
+    expect(good.out.trimEnd()).toBe(goodIn.out);
+    expect(good.out.trimEnd().split("\n").at(-1)).toBe("2 passed, 0 failed");
+  }, 60_000);
 });

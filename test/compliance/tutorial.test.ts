@@ -5,6 +5,7 @@
  * stays in sync with the code (every ```ts excerpt appears verbatim in the
  * file it quotes; the CLI output shown is what the CLI prints).
  */
+import { execFile } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
@@ -236,15 +237,24 @@ describe("devices/tutorial/README.md", () => {
     expect(text).toContain(`${lines} lines`);
   });
 
-  it("shows the QEMU command line `serve` prints", () => {
+  // `serve` prints this line with a launcher in front where QEMU runs from the trixie root
+  // (see src/cli/qemu.ts); test/e2e/qemu-cli.test.ts runs what `serve` prints
+  it("shows the QEMU command line qemuCommandLine() builds for /tmp/counter.sock", () => {
     const sh = all.filter((b) => b.lang === "sh" && b.text.includes("qemu-system-x86_64"));
     expect(sh.length).toBeGreaterThanOrEqual(1);
     expect(sh[0]!.text).toBe(qemuCommandLine("/tmp/counter.sock"));
   });
 
-  it("shows the `check` output the CLI prints, check for check", () => {
+  it("shows the `check` output the CLI prints, check for check (the bin run as a process)", async () => {
     const out = all.find((b) => b.text.startsWith("vfio-user-ts check: device 'counter'"));
     expect(out, "the check output block").toBeDefined();
+    const run = await new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve) => {
+      execFile(process.execPath, [path.join(ROOT, "src/cli/vfio-user-ts.mjs"), "check", "--device", "counter"], { cwd: ROOT, timeout: 60_000 }, (err, stdout, stderr) =>
+        resolve({ code: err === null ? 0 : typeof err.code === "number" ? err.code : null, stdout, stderr }),
+      );
+    });
+    expect(run.code, run.stderr).toBe(0);
+    expect(run.stdout.trimEnd()).toBe(out!.text.trimEnd());
     const lines = out!.text.split("\n");
     const expected = CHECKS.map((c) => formatCheckResult({ id: c.id, title: c.title, passed: true, problems: [], notes: [], ms: 0 }));
     expect(lines.slice(1, 1 + CHECKS.length)).toEqual(expected);

@@ -229,11 +229,11 @@ describeQemu("QEMU harness: PCI helpers and interrupts with emulated devices", (
     await qt.irqInterceptIn("ioapic");
     expect(qt.irqState(20)).toBe(false);
     await qt.writel(e0 + 0x60n, 1); // edu: raise interrupt
-    const up = await qt.waitIrq("raise", 20, 2000); // slot 4, INTA -> GSI 20
+    const up = await qt.waitIrq("raise", 20, 30_000); // slot 4, INTA -> GSI 20
     expect(up).toMatchObject({ kind: "raise", line: 20 });
     expect(qt.irqState(20)).toBe(true);
     await qt.writel(e0 + 0x64n, 1); // edu: acknowledge
-    await qt.waitIrq("lower", 20, 2000);
+    await qt.waitIrq("lower", 20, 30_000);
     expect(qt.irqState(20)).toBe(false);
     await expect(qt.waitIrq("raise", 20, 50)).rejects.toThrow(/no IRQ raise 20 within 50 ms/);
   });

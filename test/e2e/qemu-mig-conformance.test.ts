@@ -26,7 +26,7 @@ import { formatClientReport } from "../../src/conformance/index.ts";
 import { BIGMEM_DEVICE_ID, BIGMEM_VENDOR, BigmemGuest } from "./harness/bigmem-guest.ts";
 import { describeQemuMig } from "./harness/describe-qemu.ts";
 import { EduGuest, REG, bringUp, pattern, pollUntil } from "./harness/edu-guest.ts";
-import { describeMigration, runState, startMigration } from "./harness/migrate.ts";
+import { describeMigration, settledRunState, startMigration } from "./harness/migrate.ts";
 import { MIG_SLOT, MigrationPair, inProcess, logged, states, withContext } from "./harness/mig-pair.ts";
 import * as pci from "./harness/pci.ts";
 import { prototypeLoggingShim, type ShimCounts } from "./harness/prototype-shim.ts";
@@ -48,6 +48,23 @@ function reportFile(p: MigrationPair, name: string): string {
 
 function readReport(file: string): ConformanceReport {
   return JSON.parse(readFileSync(file, "utf8")) as ConformanceReport;
+}
+
+/**
+ * The report file once it holds a client. A `serve` process logs "client
+ * conformance report" and then writes the file: seeing the log line does not
+ * mean the file is there yet (a loaded machine shows the gap), so poll it.
+ */
+async function clientInFile(file: string): Promise<ClientReport> {
+  const { value } = await pollUntil(`a client in ${file}`, async () => {
+    try {
+      return readReport(file).clients.length;
+    } catch {
+      return -1; // not written yet
+    }
+  }, (n) => n >= 1, 30_000);
+  expect(value).toBe(1);
+  return readReport(file).clients[0]!;
 }
 
 function ids(r: ClientReport): string[] {
@@ -84,12 +101,12 @@ describeQemuMig(
         const r = await m.finish(60_000);
         console.log(`[qemu-mig conformance] as found, plain servers: ${describeMigration(r)}`);
         expect(r.status).toBe("failed");
-        expect(await runState(p.src)).toBe("running");
+        expect(await settledRunState(p.src)).toBe("running");
         expect(states(p.srvA, markA)).toEqual([]);
         expect(await e.read(REG.LIVENESS)).toBe(~0x1234 >>> 0);
         await p.src.stop();
-        await pollUntil("server A's report", async () => loggedReport(p.srvA)?.errors ?? -1, (n) => n >= 1, 10_000);
-        const report = readReport(fileA).clients[0]!;
+        await pollUntil("server A's report", async () => loggedReport(p.srvA)?.errors ?? -1, (n) => n >= 1, 30_000);
+        const report = await clientInFile(fileA);
         show("as found, plain source server", report);
         expect(ids(report)).toContain("error dma-logging-ranges-not-inline DEVICE_FEATURE");
         expect(find(report, "dma-logging-ranges-not-inline")!.first.offset).toBe(24);
@@ -143,7 +160,7 @@ describeQemuMig(
         console.log(`[qemu-mig conformance] destination QEMU stderr: ${p.dst.stderr().split("\n").filter((l) => /vfio|migrat|error/i.test(l)).slice(-6).join(" | ")}`);
         expect(r.status).toBe("failed");
         await m.waitDestination(["failed"], 60_000);
-        expect(await runState(p.src)).toBe("running");
+        expect(await settledRunState(p.src)).toBe("running");
         expect(states(p.srvA, markA)).toEqual(["RUNNING->PRE_COPY", "PRE_COPY->RUNNING"]);
         await Promise.all([p.dst.stop(), p.src.stop()]);
         await pollUntil("both reports", async () => [loggedReport(p.srvA), loggedReport(p.srvB)].filter(Boolean).length, (n) => n === 2, 20_000);
@@ -211,13 +228,13 @@ describeQemuMig("conformance report: QEMU's migrating client, fixed build", () =
       const r = await m.finish(120_000);
       console.log(`[qemu-mig conformance] fixed build: ${describeMigration(r)}`);
       expect(r.status).toBe("completed");
-      await m.waitDestination(["completed"], 10_000);
+      await m.waitDestination(["completed"], 30_000);
       expect(states(p.srvA, markA)).toEqual(["RUNNING->PRE_COPY", "PRE_COPY->STOP_COPY", "STOP_COPY->STOP"]);
       // both QEMUs leave: the servers write their reports
       await Promise.all([p.src.stop(), p.dst.stop()]);
       await pollUntil("both reports", async () => logged(p.srvA, /^client conformance report$/).length + logged(p.srvB, /^client conformance report$/).length, (n) => n === 2, 20_000);
-      const ra = readReport(reportFile(p, "a.json")).clients[0]!;
-      const rb = readReport(reportFile(p, "b.json")).clients[0]!;
+      const ra = await clientInFile(reportFile(p, "a.json"));
+      const rb = await clientInFile(reportFile(p, "b.json"));
       show("fixed build, source server", ra);
       show("fixed build, destination server", rb);
       for (const rep of [ra, rb]) for (const id of AS_FOUND_BUGS) expect(find(rep, id), id).toBeUndefined();

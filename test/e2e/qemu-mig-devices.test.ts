@@ -21,7 +21,7 @@ import { EDU_DMA_BUFFER, EDU_DMA_SIZE, EDU_ID, eduFactorial } from "../../device
 import { BIGMEM_DEVICE_ID, BIGMEM_VENDOR, BigmemGuest } from "./harness/bigmem-guest.ts";
 import { describeQemuMig } from "./harness/describe-qemu.ts";
 import { EDU_DEVICE, EDU_VENDOR, EduGuest, REG, bringUp, hex, msiCapability, pattern, pollUntil, programMsi, setMsiEnabled } from "./harness/edu-guest.ts";
-import { describeMigration, runState, startMigration } from "./harness/migrate.ts";
+import { describeMigration, settledRunState, startMigration } from "./harness/migrate.ts";
 import { MIG_SLOT, MigrationPair, commandCounts, logged, states } from "./harness/mig-pair.ts";
 import * as pci from "./harness/pci.ts";
 
@@ -75,9 +75,9 @@ describeQemuMig("QEMU-driven live migration of edu, bigmem and P2P servers", () 
       const r = await m.finish(60_000);
       console.log(`[qemu-mig edu] ${describeMigration(r)}`);
       expect(r.status).toBe("completed");
-      await m.waitDestination(["completed"], 10_000);
-      expect(await runState(p.dst)).toBe("running");
-      expect(await runState(p.src)).toBe("postmigrate");
+      await m.waitDestination(["completed"], 30_000);
+      expect(await settledRunState(p.dst)).toBe("running");
+      expect(await settledRunState(p.src)).toBe("postmigrate");
       expect(states(p.srvA, markA)).toEqual(["RUNNING->PRE_COPY", "PRE_COPY->STOP_COPY", "STOP_COPY->STOP"]);
       expect(states(p.srvB, markB)).toEqual(["RUNNING->RESUMING", "RESUMING->RUNNING"]);
       expect(commandCounts(p.srvB, markB).MIG_DATA_WRITE ?? 0).toBeGreaterThan(0);
@@ -96,7 +96,7 @@ describeQemuMig("QEMU-driven live migration of edu, bigmem and P2P servers", () 
       await dq.writel(MSI_ADDR, 0);
       await d.write(REG.STATUS, 0x80);
       await d.write(REG.FACTORIAL, 6);
-      const { value } = await pollUntil("MSI write on the destination", () => dq.readl(MSI_ADDR), (v) => v !== 0, 10_000);
+      const { value } = await pollUntil("MSI write on the destination", () => dq.readl(MSI_ADDR), (v) => v !== 0, 30_000);
       expect(hex(value)).toBe(hex(MSI_DATA));
       expect(await d.read(REG.FACTORIAL)).toBe(eduFactorial(6));
       expect(p.srvA.problems(markA)).toEqual([]);
@@ -105,7 +105,7 @@ describeQemuMig("QEMU-driven live migration of edu, bigmem and P2P servers", () 
       // QEMU disconnects the migrated source in STOP without DMA_LOGGING_STOP: an ordinary end
       const markEnd = p.srvA.log.length;
       await p.src.stop();
-      await pollUntil("server A notices the source QEMU left", async () => logged(p.srvA, /client disconnected/, markEnd).length, (n) => n > 0, 10_000);
+      await pollUntil("server A notices the source QEMU left", async () => logged(p.srvA, /client disconnected/, markEnd).length, (n) => n > 0, 30_000);
       expect(logged(p.srvA, /completed migration/, markEnd)).toHaveLength(1);
       expect(p.srvA.problems(markEnd)).toEqual([]);
     });
@@ -157,7 +157,7 @@ describeQemuMig("QEMU-driven live migration of edu, bigmem and P2P servers", () 
       console.log(`[qemu-mig bigmem] ${describeMigration(r)}; writes landed during pre-copy: ${stillPrecopy}`);
       expect(r.status).toBe("completed");
       expect(stillPrecopy).toBe(true);
-      await m.waitDestination(["completed"], 10_000);
+      await m.waitDestination(["completed"], 30_000);
       expect(states(p.srvA, markA)).toEqual(["RUNNING->PRE_COPY", "PRE_COPY->STOP_COPY", "STOP_COPY->STOP"]);
       expect(states(p.srvB, markB)).toEqual(["RUNNING->RESUMING", "RESUMING->RUNNING"]);
       // the source told QEMU about the pages its DMA wrote
@@ -200,7 +200,7 @@ describeQemuMig("QEMU-driven live migration of edu, bigmem and P2P servers", () 
       const r = await m.finish(60_000);
       console.log(`[qemu-mig p2p] ${describeMigration(r)}`);
       expect(r.status).toBe("completed");
-      await m.waitDestination(["completed"], 10_000);
+      await m.waitDestination(["completed"], 30_000);
       expect(states(p.srvA, markA)).toEqual(["RUNNING->PRE_COPY", "PRE_COPY->PRE_COPY_P2P", "PRE_COPY_P2P->STOP_COPY", "STOP_COPY->STOP"]);
       expect(states(p.srvB, markB)).toEqual(["RUNNING->RESUMING", "RESUMING->RUNNING_P2P", "RUNNING_P2P->RUNNING"]);
       const d = new EduGuest(p.dst.qtest, BDF, bar0);

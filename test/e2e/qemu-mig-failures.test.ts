@@ -24,7 +24,7 @@ import { handleMigDataWrite } from "../../src/server/handlers/migration-data.ts"
 import { BIGMEM_DEVICE_ID, BIGMEM_VENDOR, BigmemGuest } from "./harness/bigmem-guest.ts";
 import { describeQemuMig } from "./harness/describe-qemu.ts";
 import { EduGuest, REG, bringUp, pattern, pollUntil } from "./harness/edu-guest.ts";
-import { describeMigration, runState, startMigration } from "./harness/migrate.ts";
+import { describeMigration, runState, settledRunState, startMigration } from "./harness/migrate.ts";
 import { MIG_SLOT, MigrationPair, commandCounts, inProcess, logged, states } from "./harness/mig-pair.ts";
 import * as pci from "./harness/pci.ts";
 import { startServer } from "./harness/server.ts";
@@ -81,10 +81,10 @@ describeQemuMig("QEMU-driven migrations that fail or are cancelled", () => {
       const r = await m.finish(30_000);
       console.log(`[qemu-mig cancel] ${describeMigration(r)}`);
       expect(r.status).toBe("cancelled");
-      expect(await runState(p.src)).toBe("running");
-      await pollUntil("source device back to RUNNING", async () => states(p.srvA, markA).join(","), (s) => s.endsWith("PRE_COPY->RUNNING"), 10_000);
+      expect(await settledRunState(p.src)).toBe("running");
+      await pollUntil("source device back to RUNNING", async () => states(p.srvA, markA).join(","), (s) => s.endsWith("PRE_COPY->RUNNING"), 30_000);
       expect(states(p.srvA, markA)).toEqual(["RUNNING->PRE_COPY", "PRE_COPY->RUNNING"]);
-      await pollUntil("DMA_LOGGING_STOP", async () => logged(p.srvA, /^DMA logging stopped$/, markA).length, (n) => n === 1, 10_000);
+      await pollUntil("DMA_LOGGING_STOP", async () => logged(p.srvA, /^DMA logging stopped$/, markA).length, (n) => n === 1, 30_000);
       let intact = 0;
       for (const [at, v] of words) if ((await g.memReadl(at)) === v) intact++;
       console.log(`[qemu-mig cancel] ${intact}/${words.length} device-memory words intact on the source`);
@@ -94,7 +94,7 @@ describeQemuMig("QEMU-driven migrations that fail or are cancelled", () => {
       expect(p.srvA.problems(markA)).toEqual([]);
       // the destination's QEMU gives up; its server drops the partial stream
       await p.dst.exited;
-      await pollUntil("server B notices", async () => logged(p.srvB, /client left while RESUMING/, markB).length, (n) => n === 1, 10_000);
+      await pollUntil("server B notices", async () => logged(p.srvB, /client left while RESUMING/, markB).length, (n) => n === 1, 30_000);
     });
   }, 180_000);
 

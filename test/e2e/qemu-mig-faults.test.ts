@@ -17,7 +17,7 @@ import { afterEach, expect, it } from "vitest";
 import { EduDevice, eduFactorial } from "../../devices/edu/edu.ts";
 import { describeQemuMig } from "./harness/describe-qemu.ts";
 import { EduGuest, REG, bringUp, msiCapability, pattern, pollUntil, programMsi, setMsiEnabled } from "./harness/edu-guest.ts";
-import { runState, startMigration, type MigrateInfo } from "./harness/migrate.ts";
+import { runState, settledRunState, startMigration, type MigrateInfo } from "./harness/migrate.ts";
 import { MIG_SLOT, MigrationPair, commandCounts, logged, states } from "./harness/mig-pair.ts";
 import * as pci from "./harness/pci.ts";
 import { startQemu, type QemuInstance } from "./harness/qemu.ts";
@@ -109,7 +109,8 @@ async function faultyMigration(name: string, c: Case): Promise<Outcome> {
     const m = await startMigration(p.src, p.dst, p.dir, { capabilities: { "return-path": true } });
     const deadline = c.deadlineMs ?? 30_000;
     const died = p.src.exited.then(() => "died" as const);
-    const end = await Promise.race([m.waitSource(undefined, deadline).catch(() => "deadline" as const), died]);
+    // waitSource rejects at once when the source's QMP closes (QEMU dying): that is "died", once it has exited
+    const end = await Promise.race([m.waitSource(undefined, deadline).catch(async () => (p.src.qmp.closed ? await died : ("deadline" as const))), died]);
     let status: string;
     let info: MigrateInfo = { status: "?" };
     if (end === "died") {
@@ -127,13 +128,13 @@ async function faultyMigration(name: string, c: Case): Promise<Outcome> {
     // a destination that failed exits; give it (and a dying source) time to do so
     const destinationQemu = await ended(p.dst, destinationCompleted ? 0 : 15_000);
     const sourceQemu = await ended(p.src, end === "died" ? 15_000 : 0);
-    const sourceVm = sourceQemu === "running" ? await runState(p.src) : "gone";
+    const sourceVm = sourceQemu === "running" ? await settledRunState(p.src) : "gone";
     let intact: boolean | null = null;
     if (sourceVm === "running") {
       intact = (await e.read(REG.LIVENESS)) === (~LIVENESS >>> 0) && (await e.read(REG.FACTORIAL)) === eduFactorial(8) && (await e.factorial(5)) === eduFactorial(5);
     }
     let migrated: boolean | null = null;
-    if (destinationQemu === "running" && destinationCompleted && (await runState(p.dst)) === "running") {
+    if (destinationQemu === "running" && destinationCompleted && (await settledRunState(p.dst)) === "running") {
       const d = new EduGuest(p.dst.qtest, BDF, bar0);
       migrated = (await d.read(REG.LIVENESS)) === (~LIVENESS >>> 0) && (await d.read(REG.FACTORIAL)) === eduFactorial(8);
     }
@@ -347,14 +348,14 @@ describeQemuMig("faults on demand: what QEMU's migrating client does", () => {
       await q.qtest.writel(MSI_ADDR, 0);
       await e.write(REG.STATUS, 0x80);
       await e.write(REG.FACTORIAL, 5);
-      await pollUntil("factorial done", () => e.read(REG.STATUS), (s) => (s & 1) === 0, 10_000);
+      await pollUntil("factorial done", () => e.read(REG.STATUS), (s) => (s & 1) === 0, 30_000);
       await e.write(REG.IRQ_ACK, await e.read(REG.IRQ_STATUS));
     };
     await factorialIrq();
     // the first: computed, raised by the device, lost; a bounded wait shows nothing lands
     const first = await pollUntil("an MSI that must not come", () => q.qtest.readl(MSI_ADDR), (v) => v !== 0, 2000).then(() => "arrived", () => "lost");
     await factorialIrq();
-    const { value } = await pollUntil("the second MSI", () => q.qtest.readl(MSI_ADDR), (v) => v !== 0, 10_000);
+    const { value } = await pollUntil("the second MSI", () => q.qtest.readl(MSI_ADDR), (v) => v !== 0, 30_000);
     console.log(`[qemu-mig fault] MSI stall: first ${first}, second 0x${value.toString(16)}`);
     rows.push(`| \`irq=MSI:0,stall=forever\` | - | running | - | - | - | the first factorial's MSI never lands in guest RAM; the second does (0x${value.toString(16)}); QEMU does not notice |`);
     expect(first).toBe("lost");

@@ -12,7 +12,10 @@
  * (before and after the migration) and reports the interrupt count.
  *
  * The test migrates while the guest holds an interrupt it took in iteration
- * MIGRATE_AFTER and lets the guest finish on the destination: the iterations printed by both
+ * MIGRATE_AFTER and lets the guest finish on the destination: the guest
+ * holds it until the test, once the migration has completed, types `go` on
+ * the destination's serial console (no fixed hold time that a slow migration
+ * could outlast). The iterations printed by both
  * consoles together must be 1..N exactly once, in order, with no wrong
  * value, every bigmem word intact and exactly N interrupts.
  */
@@ -27,15 +30,16 @@ import { spawnCliServer, type CliServer } from "./harness/server.ts";
 
 const ITERATIONS = 60;
 /**
- * In this iteration the guest holds edu's interrupt unacknowledged for
- * HOLD_S seconds (taken, INTx masked by uio's handler, not yet acked) and
- * the test migrates then: the destination must take over an INTx the
+ * In this iteration the guest holds edu's interrupt unacknowledged (taken,
+ * INTx masked by uio's handler, not yet acked) until the test says `go` on
+ * the console, and the test migrates then: the destination must take over an INTx the
  * source's client still held (a migrating QEMU restores the line as asserted
  * but not vfio's record of having taken it; without a fresh signal the line
  * never drops and the guest takes an interrupt storm).
  */
 const MIGRATE_AFTER = 12;
-const HOLD_S = 15;
+/** The guest gives up waiting for `go` after this long (then reports it as a wrong value). */
+const GO_TIMEOUT_S = 900;
 
 const GUEST_INIT = `${GUEST_PRELUDE}
 pci_find 0x1234 0xb16e
@@ -70,7 +74,13 @@ while [ $i -le $N ]; do
   wr 0x60 0x1
   ev=$(wait_uio 3 20)
   [ "$ev" = "$i" ] || result bad "$i interrupt event count '$ev' want $i"
-  if [ $i -eq ${MIGRATE_AFTER} ]; then result holding "$i"; sleep ${HOLD_S}; fi
+  if [ $i -eq ${MIGRATE_AFTER} ]; then
+    result holding "$i"
+    go=""
+    read -t ${GO_TIMEOUT_S} -r go || true
+    [ "$go" = "go" ] || result bad "$i no go from the test within ${GO_TIMEOUT_S} s (read '$go')"
+    result released "$i"
+  fi
   wr 0x64 0x1
   intx_enable
   irqs=$(uio_irqs)
@@ -131,7 +141,7 @@ describeQemuMig("a Linux guest keeps using edu and bigmem while QEMU migrates it
       { socket: edu.socketPath, props: { id: "edu0", addr: "4.0" } },
       { socket: big.socketPath, props: { id: "big0", addr: "5.0" } },
     ];
-    const src = await startLinuxVm({ dir, qemu: "mig", kit: kit.kit, initrd, devices: devices(eduA, bigA) });
+    const src = await startLinuxVm({ dir, qemu: "mig", kit: kit.kit, initrd, devices: devices(eduA, bigA), input: true });
     vms.push(src);
     const irqTraffic = (srv: CliServer) => {
       const recs = srv.log.records();
@@ -143,15 +153,21 @@ describeQemuMig("a Linux guest keeps using edu and bigmem while QEMU migrates it
       `--- source console ---\n${src.lines().slice(-30).join("\n")}${src.partial()}\n--- source stderr ---\n${src.stderr().slice(-2000)}` +
       (vms[1] ? `\n--- destination console ---\n${vms[1].lines().slice(-30).join("\n")}\n--- destination stderr ---\n${vms[1].stderr().slice(-2000)}` : "");
     try {
-      await src.waitLine(new RegExp(`^RESULT holding ${MIGRATE_AFTER}$`), 180_000);
-      const dst = await startLinuxVm({ dir, qemu: "mig", kit: kit.kit, initrd, devices: devices(eduB, bigB), incoming: true });
+      // boot under TCG and the first iterations: a generous deadline (a loaded machine), not a speed claim
+      await src.waitLine(new RegExp(`^RESULT holding ${MIGRATE_AFTER}$`), 300_000);
+      const dst = await startLinuxVm({ dir, qemu: "mig", kit: kit.kit, initrd, devices: devices(eduB, bigB), incoming: true, input: true });
       vms.push(dst);
       const marks = [eduA, bigA, eduB, bigB].map((s) => s.log.length);
       const m = await startMigration(src, dst, dir);
-      const r = await m.finish(120_000);
+      // waits while the stream grows; fails if it stalls for 90 s or has not ended in 7 min
+      const r = await m.finish(420_000, { stallMs: 90_000 });
       console.log(`[qemu-mig linux] ${describeMigration(r)}`);
       expect(r.status).toBe("completed");
-      await dst.waitLine(/^RESULT done /, 240_000);
+      await dst.qmp.waitEvent("RESUME", 60_000);
+      // the guest, now on the destination, may let go of the interrupt
+      dst.type("go");
+      await dst.waitLine(new RegExp(`^RESULT released ${MIGRATE_AFTER}$`), 120_000);
+      await dst.waitLine(/^RESULT done /, 300_000);
 
       // the two consoles as one: the source's output, its unfinished line, then the destination's
       const text = `${src.lines().join("\n")}\n${src.partial()}${dst.lines().join("\n")}\n`;
@@ -191,5 +207,5 @@ describeQemuMig("a Linux guest keeps using edu and bigmem while QEMU migrates it
       if (e instanceof Error) e.message += `\n${context()}`;
       throw e;
     }
-  }, 600_000);
+  }, 1_000_000);
 });

@@ -22,6 +22,7 @@
 import { afterAll, beforeAll, expect, it } from "vitest";
 import { join } from "node:path";
 import { describeQemu, describeQemuMig } from "./harness/describe-qemu.ts";
+import { settledRunState } from "./harness/migrate.ts";
 import { startQemu, type QemuInstance } from "./harness/qemu.ts";
 import { makeSharedDir, toGuestPath, type QemuBuild, type SharedDir } from "./harness/shared-dir.ts";
 import * as pci from "./harness/pci.ts";
@@ -123,6 +124,9 @@ function migrationSuite(build: QemuBuild): void {
   let sourceView: GuestView | undefined;
   let sourceState: unknown;
   let data: Buffer;
+  /** How far test 2 got: tests 3 and 4 name it when they cannot run. */
+  let stage2 = "not started (test 1 did not set the source up)";
+  const needResult = () => new Error(`the migration test (2) did not get as far as examining the destination: it stopped ${stage2} (its failure is above)`);
 
   /** Filled by the migrate test. */
   let result:
@@ -202,6 +206,7 @@ function migrationSuite(build: QemuBuild): void {
     "2. QMP migrate to a destination QEMU (-incoming defer) on server B completes",
     async () => {
       if (!src || !sourceView) throw new Error("the source was not set up (see test 1)");
+      stage2 = "starting the destination QEMU";
       dst = await startQemu({
         dir,
         qemu: build,
@@ -217,16 +222,21 @@ function migrationSuite(build: QemuBuild): void {
       await dst.qmp.execute("migrate-incoming", { uri });
       await src.qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "events", state: true }] });
 
+      stage2 = "waiting for the migration to end";
       const t0 = performance.now();
       await src.qmp.execute("migrate", { uri });
-      const done = await src.qmp.waitEvent("MIGRATION", 60_000, (ev) => ["completed", "failed", "cancelled"].includes(String(ev.data.status)));
+      const done = await src.qmp.waitEvent("MIGRATION", 120_000, (ev) => ["completed", "failed", "cancelled"].includes(String(ev.data.status)));
       const wallMs = performance.now() - t0;
       const info = await src.qmp.execute<MigrateInfo>("query-migrate");
+      stage2 = `with the migration ${String(done.data.status)}${info["error-desc"] ? ` (${info["error-desc"]})` : ""}`;
       expect({ status: done.data.status, error: info["error-desc"] }).toEqual({ status: "completed", error: undefined });
       // the destination runs on its own once the stream is in
-      await dst.qmp.waitEvent("RESUME", 10_000);
-      expect((await dst.qmp.execute<{ status: string }>("query-status")).status).toBe("running");
-      expect((await src.qmp.execute<{ status: string }>("query-status")).status).toBe("postmigrate");
+      stage2 = "waiting for the destination to resume (RESUME event)";
+      await dst.qmp.waitEvent("RESUME", 30_000);
+      // QEMU sends MIGRATION completed before the source leaves finish-migrate: wait for it to settle
+      stage2 = "waiting for the run states to settle";
+      const runStates = { destination: await settledRunState(dst), source: await settledRunState(src) };
+      stage2 = "examining the destination device";
 
       const onA = traffic(srvA.log.records(markA));
       const onB = traffic(srvB.log.records(markB));
@@ -245,6 +255,7 @@ function migrationSuite(build: QemuBuild): void {
       if (dstBar0 !== bar0 || (dstCommand & 0x6) !== 0x6) await bringUp(qt, b, new pci.BarAllocator(), bar0);
       const dstView = await guestView(new EduGuest(qt, b, bar0), RAM_DST);
       result = { info, wallMs, onA, onB, driven, dstBar0, dstCommand, dstView, dstState: eduB.saveState(), ramArrived };
+      stage2 = "after examining the destination (tests 3 and 4 have what they need)";
 
       const ram = info.ram;
       console.log(
@@ -258,15 +269,16 @@ function migrationSuite(build: QemuBuild): void {
         `[e2e migration] destination config: BAR0 ${hex(dstBar0)} (source had ${hex(bar0)}), command ${hex(dstCommand)}; guest RAM ${ramArrived ? "arrived" : "DID NOT arrive"}`,
       );
       console.log(`[e2e migration] destination device: ${describeView(dstView)}`);
+      expect(runStates).toEqual({ destination: "running", source: "postmigrate" });
       expect(ramArrived).toBe(true);
       expect(srvA.problems(markA)).toEqual([]);
       expect(srvB.problems(markB)).toEqual([]);
     },
-    90_000,
+    180_000,
   );
 
   if (!mustDrive) step("3. without MIG_DEVICE_STATE (QEMU 11.1.3), the device state stays behind: the destination has server B's power-on device", async ({ skip }) => {
-    if (!result || !sourceView) throw new Error("the migration did not run (see test 2)");
+    if (!result || !sourceView) throw needResult();
     if (result.driven) skip(`QEMU drove VFIO migration (${describeTraffic(result.onA)} on the source): test 4 checks the state`);
     const r = result;
     // nothing of VFIO migration reached either server
@@ -294,7 +306,7 @@ function migrationSuite(build: QemuBuild): void {
   });
 
   step("4. with MIG_DEVICE_STATE, the destination device's registers and DMA buffer equal the source's", async ({ skip }) => {
-    if (!result || !sourceView) throw new Error("the migration did not run (see test 2)");
+    if (!result || !sourceView) throw needResult();
     const r = result;
     if (mustDrive) expect(describeTraffic(r.onA)).toMatch(/[1-9]\d* MIG_DEVICE_STATE SET/);
     if (!r.driven) {

@@ -43,8 +43,13 @@ export function pattern(len: number, seed: number): Buffer {
   return b;
 }
 
-/** Call `read` until `done(value)` or `timeoutMs`; returns the last value and how many reads it took. */
-export async function pollUntil<T>(what: string, read: () => Promise<T>, done: (v: T) => boolean, timeoutMs = 3000): Promise<{ value: T; reads: number }> {
+/**
+ * Call `read` until `done(value)` or `timeoutMs`; returns the last value and
+ * how many reads it took. The default deadline (30 s) is for things that must
+ * happen: it only costs time when they do not, and a loaded machine can take
+ * seconds. A wait for something that must *not* happen passes its own, short one.
+ */
+export async function pollUntil<T>(what: string, read: () => Promise<T>, done: (v: T) => boolean, timeoutMs = 30_000): Promise<{ value: T; reads: number }> {
   const t0 = performance.now();
   let reads = 0;
   for (;;) {

@@ -32,6 +32,11 @@ export interface LinuxVmOptions {
   append?: string;
   /** Start as a migration destination (`-incoming defer`). */
   incoming?: boolean;
+  /**
+   * Keep QEMU's stdin (the serial console's input) open as a pipe, so the
+   * test can `type` lines the guest reads on its console (default: no input).
+   */
+  input?: boolean;
   extraArgs?: string[];
 }
 
@@ -43,6 +48,8 @@ export interface LinuxVm {
   lines(): string[];
   /** The unfinished last line, if any. */
   partial(): string;
+  /** Sends `line` and a newline to the serial console (needs `input: true`). */
+  type(line: string): void;
   /** Resolves with the first line (from index `from` on) matching `re`. */
   waitLine(re: RegExp, timeoutMs: number, from?: number): Promise<{ line: string; index: number }>;
   stderr(): string;
@@ -81,7 +88,9 @@ export async function startLinuxVm(o: LinuxVmOptions): Promise<LinuxVm> {
   const qmpConn = listenOnce(qmpHost, servers, sockets);
   await qmpConn.listening;
   const launcher = qemuLauncher(o.qemu);
-  const proc = spawn(launcher.file, [...launcher.args, ...args], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...launcher.env } });
+  const proc = spawn(launcher.file, [...launcher.args, ...args], { stdio: [o.input ? "pipe" : "ignore", "pipe", "pipe"], env: { ...process.env, ...launcher.env } });
+  // a guest that is gone makes writes to its input fail: that shows in the test's waits, not as a crash
+  proc.stdin?.on("error", () => {});
   const lines: string[] = [];
   let partial = "";
   let err = "";
@@ -141,6 +150,10 @@ export async function startLinuxVm(o: LinuxVmOptions): Promise<LinuxVm> {
     partial: () => partial,
     stderr: () => err,
     exited,
+    type(line) {
+      if (!proc.stdin) throw new Error("startLinuxVm: type() needs input: true");
+      proc.stdin.write(`${line}\n`);
+    },
     waitLine(re, timeoutMs, from = 0) {
       return new Promise((resolve, reject) => {
         let done = false;

@@ -49,8 +49,14 @@ export interface Migration {
   waitSource(statuses?: readonly string[], timeoutMs?: number): Promise<string>;
   /** Same for the destination. */
   waitDestination(statuses?: readonly string[], timeoutMs?: number): Promise<string>;
-  /** Waits for the source's end state and returns it with `query-migrate` and the wall time since `migrate`. */
-  finish(timeoutMs?: number): Promise<{ status: MigrationEnd; info: MigrateInfo; wallMs: number }>;
+  /**
+   * Waits for the source's end state and returns it with `query-migrate` and
+   * the wall time since `migrate`. `timeoutMs` is the hard deadline; with
+   * `stallMs`, it also fails as soon as the stream (RAM + device bytes
+   * transferred, from `query-migrate` once a second) has not grown for that
+   * long, and its error lists the progress seen.
+   */
+  finish(timeoutMs?: number, opts?: { stallMs?: number }): Promise<{ status: MigrationEnd; info: MigrateInfo; wallMs: number }>;
 }
 
 let socketCounter = 0;
@@ -73,17 +79,19 @@ export async function startMigration(src: Vm, dst: Vm, dir: SharedDir, opts: Mig
       .map((ev) => String(ev.data.status));
   const sourceStatuses = statusesOf(src, src.qmp.allEvents().length);
   const destinationStatuses = statusesOf(dst, dst.qmp.allEvents().length);
-  const waitFor = (side: string, seen: () => string[]) => async (want: readonly string[] = MIGRATION_END, timeoutMs = 120_000): Promise<string> => {
+  const waitFor = (side: string, q: Vm, seen: () => string[]) => async (want: readonly string[] = MIGRATION_END, timeoutMs = 120_000): Promise<string> => {
     const deadline = performance.now() + timeoutMs;
     for (;;) {
       const hit = seen().find((st) => want.includes(st));
       if (hit !== undefined) return hit;
+      // a QEMU that is gone sends nothing more: say so now, not at the deadline
+      if (q.qmp.closed) throw new Error(`${side}: QEMU's QMP connection closed before a MIGRATION status ${want.join("|")} (seen: ${seen().join(", ") || "none"})`);
       if (performance.now() > deadline) throw new Error(`${side}: no MIGRATION status ${want.join("|")} within ${timeoutMs} ms (seen: ${seen().join(", ") || "none"})`);
       await new Promise((r) => setTimeout(r, 10));
     }
   };
-  const waitSource = waitFor("source", sourceStatuses);
-  const waitDestination = waitFor("destination", destinationStatuses);
+  const waitSource = waitFor("source", src, sourceStatuses);
+  const waitDestination = waitFor("destination", dst, destinationStatuses);
 
   const t0 = performance.now();
   await src.qmp.execute("migrate", { uri });
@@ -93,8 +101,14 @@ export async function startMigration(src: Vm, dst: Vm, dir: SharedDir, opts: Mig
     destinationStatuses,
     waitSource,
     waitDestination,
-    async finish(timeoutMs = 120_000) {
-      const status = (await waitSource(MIGRATION_END, timeoutMs)) as MigrationEnd;
+    async finish(timeoutMs = 120_000, opts: { stallMs?: number } = {}) {
+      const stallMs = opts.stallMs;
+      let status: MigrationEnd;
+      if (stallMs === undefined) {
+        status = (await waitSource(MIGRATION_END, timeoutMs)) as MigrationEnd;
+      } else {
+        status = await waitWithProgress(src, sourceStatuses, t0, timeoutMs, stallMs);
+      }
       const wallMs = performance.now() - t0;
       const info = await src.qmp.execute<MigrateInfo>("query-migrate");
       return { status, info, wallMs };
@@ -102,9 +116,66 @@ export async function startMigration(src: Vm, dst: Vm, dir: SharedDir, opts: Mig
   };
 }
 
+/** Bytes the migration stream has carried so far (RAM and device). */
+function streamBytes(i: MigrateInfo): number {
+  return (i.ram?.transferred ?? 0) + (i.vfio?.transferred ?? 0);
+}
+
+/**
+ * The source's end state, polling `query-migrate` once a second: fails when
+ * the stream has not grown for `stallMs`, or at `timeoutMs` whatever it does.
+ */
+async function waitWithProgress(src: Vm, seen: () => string[], t0: number, timeoutMs: number, stallMs: number): Promise<MigrationEnd> {
+  const deadline = t0 + timeoutMs;
+  const samples: string[] = [];
+  let bytes = -1;
+  let grewAt = performance.now();
+  let nextPoll = 0;
+  const fail = (why: string) => new Error(`source: ${why} (MIGRATION statuses: ${seen().join(", ") || "none"}); progress, one sample a second (s: status bytes dirty-syncs remaining):\n${samples.slice(-40).join("\n")}`);
+  for (;;) {
+    const hit = seen().find((st) => (MIGRATION_END as readonly string[]).includes(st));
+    if (hit !== undefined) return hit as MigrationEnd;
+    if (src.qmp.closed) throw fail("QEMU's QMP connection closed before the migration ended");
+    const now = performance.now();
+    if (now >= nextPoll) {
+      nextPoll = now + 1000;
+      const info = await src.qmp.execute<MigrateInfo>("query-migrate").catch((e: Error) => ({ status: `query-migrate failed: ${e.message}` }) as MigrateInfo);
+      const b = streamBytes(info);
+      samples.push(`${((now - t0) / 1000).toFixed(0)}: ${info.status} ${b} ${info.ram?.["dirty-sync-count"] ?? "?"} ${info.ram?.remaining ?? "?"}`);
+      if (b > bytes) {
+        bytes = b;
+        grewAt = now;
+      }
+      if (now - grewAt > stallMs) throw fail(`the stream did not grow for ${stallMs} ms`);
+    }
+    if (now > deadline) throw fail(`no end within ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
 /** `query-status` of a QEMU: running, paused, inmigrate, postmigrate, ... */
 export async function runState(q: Vm): Promise<string> {
   return (await q.qmp.execute<{ status: string }>("query-status")).status;
+}
+
+/**
+ * The run state once a migration's end has settled. QEMU emits the source's
+ * MIGRATION `completed` (or `failed`) event and only then, after the
+ * migration thread takes the BQL again (migration_iteration_finish), leaves
+ * `finish-migrate` for `postmigrate` (or back to `running`): a query right
+ * after the event can land in between, more often on a loaded machine. So
+ * this polls while the state is `finish-migrate`, up to `timeoutMs`.
+ */
+export async function settledRunState(q: Vm, timeoutMs = 30_000): Promise<string> {
+  const deadline = performance.now() + timeoutMs;
+  let polls = 0;
+  for (;;) {
+    const st = await runState(q);
+    polls++;
+    if (st !== "finish-migrate") return st;
+    if (performance.now() > deadline) throw new Error(`run state still ${st} ${timeoutMs} ms after the migration ended (${polls} polls)`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
 }
 
 /** One line for logs: status, total time, downtime, RAM and device bytes. */
