@@ -12,6 +12,7 @@ import {
   type DecodedStream,
   type StreamHeader,
 } from "../../../src/migration/state-stream.ts";
+import { refCrc32c } from "./crc32c-reference.ts";
 
 const HEADER: StreamHeader = { deviceType: "edu", deviceVersion: 3, vendor: 0x1234 };
 const STATE = {
@@ -98,16 +99,6 @@ function expectSample(got: DecodedStream): void {
     RecordKind.MEMORY,
     RecordKind.STATE,
   ]);
-}
-
-/** CRC-32C bit by bit (reflected polynomial 0x82f63b78), independent of the addon. */
-function refCrc32c(data: Uint8Array, crc = 0): number {
-  let c = ~crc >>> 0;
-  for (const b of data) {
-    c ^= b;
-    for (let i = 0; i < 8; i++) c = (c >>> 1) ^ (0x82f63b78 & -(c & 1));
-  }
-  return ~c >>> 0;
 }
 
 /** A record built from the layout in the file comment, independently of the writer (version 2: CRC-32C; 1: zlib's CRC-32). */
