@@ -24,13 +24,13 @@ export interface Frame {
   fds: number[];
 }
 
+/** Frames at least this large get a buffer of their own (not Buffer's shared pool), which recycle() can reuse. */
+const RECYCLE_MIN = 64 * 1024;
+
 /**
  * A header that cannot start a valid frame. Fatal: the stream has lost its
  * framing, so the connection must be closed.
  */
-/** Frames at least this large get a buffer of their own (not Buffer's shared pool), which recycle() can reuse. */
-const RECYCLE_MIN = 64 * 1024;
-
 export class FrameError extends Error {
   /** The offending header, when 16 bytes were available. */
   readonly header: Header | undefined;

@@ -513,7 +513,7 @@ export class MigrationController {
     };
   }
 
-  /** Each record as the reader validates it: HEADER checked at once, MEMORY applied at once. */
+  /** HEADER and STATE records as the reader validates them (MEMORY goes to resumeMemorySink): HEADER checked at once, STATE kept for RESUMING -> STOP. */
   private onResumeRecord(r: DecodedRecord): void {
     switch (r.kind) {
       case RecordKind.HEADER:

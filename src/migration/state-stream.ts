@@ -39,11 +39,11 @@
  * (the server writes it into device memory and checks the CRC at the end).
  */
 import { crc32 } from "node:zlib";
-import { crc32c } from "./crc32c.ts";
 import { Packr } from "msgpackr";
 import { Errno } from "../../protocol/constants.ts";
 import { VfioUserError, fail } from "../../protocol/errors.ts";
 import { U64_MAX } from "../../protocol/u64.ts";
+import { crc32c } from "./crc32c.ts";
 
 export const STREAM_MAGIC: readonly number[] = [0x56, 0x55, 0x44, 0x53]; // "VUDS"
 /**
